@@ -1,0 +1,45 @@
+"""Stable network: the headless governing Service and the EndpointSlices that list every ready pod."""
+import pytest
+from kubernetes import client
+
+from fixtures import manifests
+from fixtures.recorder import Recorder, generic_state
+from fixtures.sts import is_ready, pod_name, running_and_ready, set_ready
+
+STS = "sts-xiuxian"
+SVC = "svc-headless"
+
+
+def ready_endpoints(slices: dict) -> dict[str, str]:
+    """hostname -> address of every ready endpoint in the Service's EndpointSlices."""
+    found = {}
+    for item in slices.values():
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready"):
+                found[endpoint.get("hostname") or f"<no hostname: {endpoint.get('targetRef', {}).get('name')}>"] = \
+                    endpoint["addresses"][0]
+    return found
+
+
+@pytest.mark.behaviour("headless_service")
+def test_headless_service(api, namespace, pods, settings):
+    slices = Recorder(client.DiscoveryV1Api(api).list_namespaced_endpoint_slice, namespace, "endpointslices",
+                      generic_state, label_selector=f"kubernetes.io/service-name={SVC}").start()
+    try:
+        manifests.apply(api, manifests.load("headless-network", namespace, replicas=3))
+        service = client.CoreV1Api(api).read_namespaced_service(SVC, namespace)
+        assert service.spec.cluster_ip == "None", "the governing Service is not headless"
+
+        objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o, settings.wait_timeout, "3 pods")
+        expected = {pod_name(STS, i): objs[pod_name(STS, i)]["status"]["podIP"] for i in range(3)}
+        slices.wait_for(lambda s: ready_endpoints(s) == expected, settings.wait_timeout,
+                        f"EndpointSlices to list {expected} by hostname")
+
+        pods.mark(f"make {pod_name(STS, 1)} unready")
+        set_ready(api, namespace, pod_name(STS, 1), False)
+        pods.wait_for(lambda o: not is_ready(o[pod_name(STS, 1)]), settings.wait_timeout, "pod 1 unready")
+        del expected[pod_name(STS, 1)]
+        slices.wait_for(lambda s: ready_endpoints(s) == expected, settings.wait_timeout,
+                        "the unready pod to leave the ready endpoints")
+    finally:
+        slices.stop()
