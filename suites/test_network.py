@@ -2,8 +2,11 @@
 import pytest
 from kubernetes import client
 
+from tenacity import retry, retry_if_result, stop_after_delay, wait_exponential
+
 from fixtures import manifests
 from fixtures.recorder import Recorder, generic_state
+from fixtures.resolver import resolver_for
 from fixtures.sts import is_ready, pod_name, running_and_ready, set_ready
 
 STS = "sts-xiuxian"
@@ -43,3 +46,38 @@ def test_headless_service(api, namespace, pods, settings):
                         "the unready pod to leave the ready endpoints")
     finally:
         slices.stop()
+
+
+@pytest.mark.behaviour("pod_dns_records")
+@pytest.mark.needs("dns")
+def test_pod_dns_records(api, cluster, namespace, pods, settings):
+    resolver = resolver_for(cluster)
+    if resolver is None:
+        pytest.skip("DNS queries from inside a pod are run by the kind backend's container tests")
+    manifests.apply(api, manifests.load("headless-network", namespace, replicas=3))
+    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o, settings.wait_timeout, "3 pods")
+    domain = f"{SVC}.{namespace}.svc.{resolver.zone}"
+    ips = {pod_name(STS, i): objs[pod_name(STS, i)]["status"]["podIP"] for i in range(3)}
+
+    def records_match() -> bool:
+        return all(resolver.a(f"{name}.{domain}") == {ip} for name, ip in ips.items()) \
+            and resolver.a(domain) == set(ips.values())
+    _wait_until(records_match, settings.wait_timeout, f"A records for every pod under {domain}")
+    assert resolver.srv(f"_web._tcp.{domain}") == {(f"{name}.{domain}", 80) for name in ips}, \
+        "SRV records for the named port do not list every pod"
+
+    victim = pod_name(STS, 1)
+    pods.mark(f"delete {victim}")
+    old_uid = objs[victim]["metadata"]["uid"]
+    client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
+    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o[victim]["metadata"]["uid"] != old_uid
+                         and o, settings.wait_timeout, f"{victim} recreated")
+    ips[victim] = objs[victim]["status"]["podIP"]
+    _wait_until(records_match, settings.wait_timeout, f"{victim}.{domain} to resolve to its new IP {ips[victim]}")
+
+
+def _wait_until(check, timeout, what) -> None:
+    """DNS has no watch: a bounded retry, fast at first."""
+    waiter = retry(stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.05, max=1),
+                   retry=retry_if_result(lambda ok: not ok), retry_error_callback=lambda state: False)
+    assert waiter(check)(), f"timed out after {timeout:.0f}s waiting for {what}"

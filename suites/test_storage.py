@@ -1,0 +1,194 @@
+"""Stable storage: one claim per pod from volumeClaimTemplates, retained by default, re-used, and the
+retention policy; static NFS PVs bound by size (seed 001)."""
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from fixtures import manifests
+from fixtures.sts import owned_pods, pod_name, running_and_ready, scale
+
+STS = "sts-xiuxian"
+
+
+def claim(ordinal: int, sts: str = STS, template: str = "data") -> str:
+    return f"{template}-{sts}-{ordinal}"
+
+
+def bound(names: set[str]):
+    """A pvc recorder condition: exactly these claims exist, all Bound."""
+    def check(objs):
+        return set(objs) == names and all((o.get("status") or {}).get("phase") == "Bound" for o in objs.values()) \
+            and objs
+    return check
+
+
+def uids(objs: dict) -> dict[str, str]:
+    return {name: obj["metadata"]["uid"] for name, obj in objs.items()}
+
+
+def claim_of(pod: dict, volume: str = "data") -> str | None:
+    for item in pod["spec"].get("volumes") or []:
+        if item["name"] == volume:
+            return (item.get("persistentVolumeClaim") or {}).get("claimName")
+    return None
+
+
+def create_web(api, namespace, replicas, retention=None):
+    docs = manifests.load("headless-volumeclaimtemplates", namespace, replicas=replicas)
+    if retention:
+        manifests.one(docs, "StatefulSet")["spec"]["persistentVolumeClaimRetentionPolicy"] = retention
+    manifests.apply(api, docs)
+    return docs
+
+
+@pytest.mark.behaviour("pvc_per_ordinal")
+@pytest.mark.needs("dynamic_storage")
+def test_pvc_per_ordinal(api, namespace, pods, pvcs, settings):
+    create_web(api, namespace, replicas=3)
+    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o, settings.wait_timeout, "3 pods")
+    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound")
+
+    volumes = {}
+    for i in range(3):
+        assert claim_of(objs[pod_name(STS, i)]) == claim(i), f"{pod_name(STS, i)} does not mount {claim(i)}"
+        pvc = claims[claim(i)]
+        assert pvc["spec"].get("storageClassName") == "nfs-client"
+        volume = client.CoreV1Api(api).read_persistent_volume(pvc["spec"]["volumeName"])
+        assert volume.spec.claim_ref.name == claim(i) and volume.spec.claim_ref.namespace == namespace
+        assert volume.spec.storage_class_name == "nfs-client" and volume.spec.nfs is not None
+        volumes[claim(i)] = volume.metadata.name
+    assert len(set(volumes.values())) == 3, f"claims share volumes: {volumes}"
+
+
+@pytest.mark.behaviour("pvc_retain_default")
+@pytest.mark.needs("dynamic_storage")
+def test_pvc_retain_default(api, namespace, pods, pvcs, settings):
+    docs = create_web(api, namespace, replicas=3)
+    all_claims = {claim(i) for i in range(3)}
+    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods")
+    original = uids(pvcs.wait_for(bound(all_claims), settings.wait_timeout, "3 claims Bound"))
+
+    def unchanged(objs):
+        assert uids(objs) == original, f"claims were deleted or replaced: {uids(objs)} != {original}"
+        owned = [n for n, o in objs.items() if o["metadata"].get("ownerReferences")]
+        assert not owned, f"claims {owned} have owner references under the default Retain policy"
+
+    def remounted(ordinals):
+        objs = pods.wait_for(lambda o: running_and_ready(STS, ordinals)(o) and o, settings.wait_timeout,
+                             f"pods {list(ordinals)} Running and Ready")
+        for i in ordinals:
+            assert claim_of(objs[pod_name(STS, i)]) == claim(i), f"{pod_name(STS, i)} lost its claim"
+
+    pods.mark(f"delete pod {pod_name(STS, 1)}")
+    old = pods.snapshot()[0][pod_name(STS, 1)]["metadata"]["uid"]
+    client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 1), namespace)
+    pods.wait_for(lambda o: pod_name(STS, 1) in o and o[pod_name(STS, 1)]["metadata"]["uid"] != old,
+                  settings.wait_timeout, "pod 1 recreated")
+    remounted(range(3))
+    unchanged(pvcs.snapshot()[0])
+
+    pods.mark("scale to 1")
+    scale(api, namespace, STS, 1)
+    remounted(range(1))
+    assert pvcs.stays(lambda objs: uids(objs) == original, settings.quiet_window), "claims went with scale-down"
+    unchanged(pvcs.snapshot()[0])
+
+    pods.mark("scale to 3")
+    scale(api, namespace, STS, 3)
+    remounted(range(3))
+    unchanged(pvcs.snapshot()[0])
+
+    pods.mark("delete the StatefulSet")
+    client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
+    pods.wait_for(lambda o: not owned_pods(o, STS), settings.wait_timeout, "pods gone with the StatefulSet")
+    unchanged(pvcs.snapshot()[0])
+
+    pods.mark("re-create the StatefulSet")
+    manifests.apply(api, [manifests.one(docs, "StatefulSet")])
+    remounted(range(3))
+    pvcs.wait_for(bound(all_claims), settings.wait_timeout, "claims Bound again")
+    unchanged(pvcs.snapshot()[0])
+
+
+@pytest.mark.behaviour("pvc_retention_policy")
+@pytest.mark.needs("dynamic_storage")
+@pytest.mark.parametrize("when_scaled, when_deleted", [("Delete", "Retain"), ("Retain", "Delete")])
+def test_pvc_retention_policy(api, namespace, pods, pvcs, settings, when_scaled, when_deleted):
+    create_web(api, namespace, replicas=3, retention={"whenScaled": when_scaled, "whenDeleted": when_deleted})
+    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods")
+    original = uids(pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound"))
+
+    pods.mark("scale to 1")
+    scale(api, namespace, STS, 1)
+    pods.wait_for(running_and_ready(STS, range(1)), settings.wait_timeout, "only pod 0 left")
+    if when_scaled == "Delete":
+        pvcs.wait_for(lambda objs: set(objs) == {claim(0)}, settings.wait_timeout,
+                      "claims of ordinals >= 1 deleted (whenScaled=Delete)")
+    else:
+        assert pvcs.stays(lambda objs: uids(objs) == original, settings.quiet_window), \
+            "claims were deleted on scale-down under whenScaled=Retain"
+    assert uids(pvcs.snapshot()[0])[claim(0)] == original[claim(0)], "the claim of a kept ordinal was replaced"
+
+    pods.mark("delete the StatefulSet")
+    client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
+    pods.wait_for(lambda o: not owned_pods(o, STS), settings.wait_timeout, "pods gone with the StatefulSet")
+    if when_deleted == "Delete":
+        pvcs.wait_for(lambda objs: not objs, settings.wait_timeout, "every claim deleted (whenDeleted=Delete)")
+    else:
+        kept = dict(pvcs.snapshot()[0])
+        assert pvcs.stays(lambda objs: uids(objs) == uids(kept), settings.quiet_window), \
+            "claims were deleted with the StatefulSet under whenDeleted=Retain"
+
+
+@pytest.fixture
+def static_pvs(api, namespace):
+    """Seed 001's four NFS PVs (1Gi, 2Gi, 2Gi, 2Gi), named and labelled for this test only."""
+    core = client.CoreV1Api(api)
+    created = []
+    for doc in manifests.load_cluster_scoped("static-nfs-pvs"):
+        doc["metadata"]["name"] = f"{namespace}-{doc['metadata']['name']}"
+        doc["metadata"]["labels"]["sts-conformance.k8s.io/namespace"] = namespace
+        created.append(core.create_persistent_volume(doc).metadata.name)
+    yield created
+    for name in created:
+        try:
+            core.delete_persistent_volume(name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+@pytest.mark.behaviour("static_pv_binding")
+def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
+    docs = manifests.load("zookeeper-static", namespace, replicas=2)
+    template = manifests.one(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
+    template["spec"]["selector"] = {"matchLabels": {"sts-conformance.k8s.io/namespace": namespace}}
+    manifests.apply(api, docs)
+    core = client.CoreV1Api(api)
+
+    def volumes():
+        return {pv.metadata.name: pv for pv in core.list_persistent_volume(
+            label_selector=f"sts-conformance.k8s.io/namespace={namespace}").items}
+
+    def check_bindings(replicas):
+        claims = pvcs.wait_for(bound({claim(i, "zk", "datadir") for i in range(replicas)}), settings.wait_timeout,
+                               f"{replicas} claims Bound to static PVs")
+        pods.wait_for(running_and_ready("zk", range(replicas)), settings.wait_timeout, f"{replicas} zk pods")
+        pvs = volumes()
+        used = [claims[claim(i, "zk", "datadir")]["spec"]["volumeName"] for i in range(replicas)]
+        assert len(set(used)) == replicas, f"claims share a PV: {used}"
+        for name in used:
+            assert pvs[name].spec.capacity["storage"] == "2Gi", f"{name} is too small for a 2Gi claim"
+            assert pvs[name].status.phase == "Bound"
+        spare = sorted(set(pvs) - set(used))
+        assert all(pvs[name].status.phase == "Available" for name in spare), \
+            f"unused PVs not Available: {[(n, pvs[n].status.phase) for n in spare]}"
+        return spare
+
+    spare = check_bindings(2)
+    assert f"{namespace}-pv001" in spare, "the 1Gi PV was bound by a 2Gi claim"
+
+    pods.mark("scale to 3")
+    scale(api, namespace, "zk", 3)
+    spare = check_bindings(3)
+    assert spare == [f"{namespace}-pv001"], f"after scale-up the spare PVs are {spare}, expected only the 1Gi one"
