@@ -22,7 +22,16 @@ def create_web(api, namespace, replicas, policy="OrderedReady", **holds):
 
 @pytest.mark.behaviour("ordered_scale_up")
 def test_ordered_scale_up(api, namespace, pods, settings):
-    create_web(api, namespace, replicas=3)
+    # Pods are held unscheduled (so not Ready) until the test releases them one by one: a controller
+    # that does not wait for Ready is caught whatever the speed of the nodes.
+    create_web(api, namespace, replicas=3, unscheduled=True)
+    for i in range(3):
+        pods.wait_for(lambda objs: pod_name(STS, i) in objs, settings.wait_timeout, f"{pod_name(STS, i)} created")
+        if i < 2:
+            assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == set(range(i + 1)), settings.quiet_window), \
+                f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was not Ready"
+        pods.mark(f"release {pod_name(STS, i)}")
+        release_gate(api, namespace, pod_name(STS, i))
     pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods Running and Ready")
 
     _, events = pods.snapshot()
