@@ -1,2 +1,2 @@
 """Loads the suite's pytest plugin (options, cluster, namespaces, recorders, report)."""
-pytest_plugins = ["fixtures.plugin"]
+pytest_plugins = ["fixtures.plugin", "fixtures.report"]

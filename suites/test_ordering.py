@@ -45,11 +45,21 @@ def test_ordered_scale_up(api, namespace, pods, settings):
 
 @pytest.mark.behaviour("ordered_scale_down")
 def test_ordered_scale_down(api, namespace, pods, settings):
-    create_web(api, namespace, replicas=4)
+    # Deleted pods stay Terminating until the test releases them: a controller that does not wait for
+    # each pod to be gone before the next is caught whatever the speed of the nodes.
+    create_web(api, namespace, replicas=4, on_delete=True)
     pods.wait_for(running_and_ready(STS, range(4)), settings.wait_timeout, "4 pods Running and Ready")
 
+    def terminating(objs):
+        return {i for i, pod in owned_pods(objs, STS).items() if pod["metadata"].get("deletionTimestamp")}
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
+    for i in (3, 2, 1):
+        pods.wait_for(lambda objs: i in terminating(objs), settings.wait_timeout, f"{pod_name(STS, i)} terminating")
+        assert pods.stays(lambda objs: terminating(objs) == {i}, settings.quiet_window), \
+            f"pods {sorted(terminating(pods.snapshot()[0]))} terminating at once; only {pod_name(STS, i)} should be"
+        pods.mark(f"release {pod_name(STS, i)}")
+        release_finalizer(api, namespace, pod_name(STS, i))
     pods.wait_for(running_and_ready(STS, range(1)), settings.wait_timeout, "only pod 0 left")
 
     _, events = pods.snapshot()
