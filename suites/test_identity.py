@@ -3,6 +3,7 @@ import pytest
 from kubernetes import client
 
 from fixtures import manifests
+from fixtures.execs import run_in
 from fixtures.sts import owned_pods, pod_name, running_and_ready, set_phase
 
 STS = "sts-xiuxian"
@@ -115,3 +116,12 @@ def test_failed_pod_recreated(api, namespace, pods, settings):
                          and objs[pod_name(STS, 1)]["metadata"]["uid"] != old_uid and objs,
                          settings.wait_timeout, f"{pod_name(STS, 1)} replaced and Ready")
     assert objs[pod_name(STS, 1)]["spec"].get("hostname") == pod_name(STS, 1)
+
+
+@pytest.mark.behaviour("hostname_in_pod")
+@pytest.mark.needs("containers")
+def test_hostname_in_pod(api, namespace, pods, settings):
+    manifests.apply(api, manifests.load("headless-network", namespace, replicas=3))
+    pods.wait_for(running_and_ready(STS, range(3)), max(settings.wait_timeout, 300), "3 pods Running and Ready")
+    for i in range(3):
+        assert run_in(api, namespace, pod_name(STS, i), ["hostname"]).strip() == pod_name(STS, i)

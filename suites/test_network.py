@@ -6,6 +6,7 @@ from tenacity import retry, retry_if_result, stop_after_delay, wait_exponential
 
 from fixtures import manifests
 from fixtures.recorder import Recorder, generic_state
+from fixtures.execs import sh
 from fixtures.resolver import resolver_for
 from fixtures.sts import is_ready, pod_name, running_and_ready, set_ready
 
@@ -51,9 +52,9 @@ def test_headless_service(api, namespace, pods, settings):
 @pytest.mark.behaviour("pod_dns_records")
 @pytest.mark.needs("dns")
 def test_pod_dns_records(api, cluster, namespace, pods, settings):
-    resolver = resolver_for(cluster)
+    resolver = resolver_for(cluster, api, namespace)
     if resolver is None:
-        pytest.skip("DNS queries from inside a pod are run by the kind backend's container tests")
+        pytest.skip("this cluster's DNS can be asked neither directly nor from a pod")
     manifests.apply(api, manifests.load("headless-network", namespace, replicas=3))
     objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o, settings.wait_timeout, "3 pods")
     domain = f"{SVC}.{namespace}.svc.{resolver.zone}"
@@ -81,3 +82,23 @@ def _wait_until(check, timeout, what) -> None:
     waiter = retry(stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.05, max=1),
                    retry=retry_if_result(lambda ok: not ok), retry_error_callback=lambda state: False)
     assert waiter(check)(), f"timed out after {timeout:.0f}s waiting for {what}"
+
+
+@pytest.mark.behaviour("service_spreads")
+@pytest.mark.needs("containers")
+def test_service_spreads(api, namespace, pods, settings):
+    # Seed 000: each pod serves its own page (AAA, BBB, CCC); the ClusterIP Service reaches all three.
+    manifests.apply(api, manifests.load("headless-network", namespace, replicas=3)
+                    + manifests.load("web-service", namespace) + manifests.load("client-pod", namespace))
+    pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o.get("probe", {}).get("status", {})
+                  .get("phase") == "Running", max(settings.wait_timeout, 300), "3 web pods and the probe")
+    pages = {pod_name(STS, i): text for i, text in enumerate(("AAA", "BBB", "CCC"))}
+    for pod, text in pages.items():
+        sh(api, namespace, pod, f"echo {text} > /usr/share/nginx/html/index.html")
+    seen: set[str] = set()
+    # kube-proxy picks a backend per connection at random: ask until all three answered, bounded.
+    for _ in range(60):
+        seen.add(sh(api, namespace, "probe", "wget -qO- -T 2 http://svc-sts-xiuxian").strip())
+        if seen >= set(pages.values()):
+            break
+    assert seen >= set(pages.values()), f"60 requests reached only {sorted(seen)}"

@@ -5,7 +5,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
-from fixtures.sts import owned_pods, pod_name, running_and_ready, scale
+from fixtures.execs import run_in, sh
+from fixtures.sts import is_ready, owned_pods, pod_name, running_and_ready, scale
 
 STS = "sts-xiuxian"
 
@@ -192,3 +193,43 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
     scale(api, namespace, "zk", 3)
     spare = check_bindings(3)
     assert spare == [f"{namespace}-pv001"], f"after scale-up the spare PVs are {spare}, expected only the 1Gi one"
+
+
+def _recreate(api, namespace, pods, name, timeout):
+    old = pods.snapshot()[0][name]["metadata"]["uid"]
+    pods.mark(f"delete {name}")
+    client.CoreV1Api(api).delete_namespaced_pod(name, namespace)
+    pods.wait_for(lambda o: name in o and o[name]["metadata"]["uid"] != old and is_ready(o[name]), timeout,
+                  f"{name} recreated and Ready")
+
+
+@pytest.mark.behaviour("data_survives_pod_deletion")
+@pytest.mark.needs("containers", "dynamic_storage")
+def test_data_survives_pod_deletion_nginx(api, namespace, pods, settings):
+    # Seed 000: AAA, BBB, CCC written into each pod's own volume are served again after deletion.
+    timeout = max(settings.wait_timeout, 300)
+    create_web(api, namespace, replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), timeout, "3 pods")
+    pages = {pod_name(STS, i): text for i, text in enumerate(("AAA", "BBB", "CCC"))}
+    for pod, text in pages.items():
+        sh(api, namespace, pod, f"echo {text} > /usr/share/nginx/html/index.html")
+    for pod in pages:
+        _recreate(api, namespace, pods, pod, timeout)
+    for pod, text in pages.items():
+        assert run_in(api, namespace, pod, ["cat", "/usr/share/nginx/html/index.html"]).strip() == text, \
+            f"{pod} lost its page"
+
+
+@pytest.mark.behaviour("data_survives_pod_deletion")
+@pytest.mark.needs("containers", "dynamic_storage")
+def test_data_survives_pod_deletion_redis(api, namespace, pods, settings):
+    # Seeds 003/004: a key written to each Redis member (append-only file on its claim) survives.
+    timeout = max(settings.wait_timeout, 300)
+    manifests.apply(api, manifests.load("redis", namespace, replicas=3))
+    pods.wait_for(running_and_ready("redis", range(3)), timeout, "3 redis pods")
+    for i in range(3):
+        assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "set", "member", f"redis-{i}"]).strip() == "OK"
+    for i in range(3):
+        _recreate(api, namespace, pods, f"redis-{i}", timeout)
+    for i in range(3):
+        assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "get", "member"]).strip() == f"redis-{i}"
