@@ -2,12 +2,11 @@
 import pytest
 from kubernetes import client
 
-from tenacity import retry, retry_if_result, stop_after_delay, wait_exponential
-
 from fixtures import manifests
 from fixtures.recorder import Recorder, generic_state
 from fixtures.execs import sh
 from fixtures.resolver import resolver_for
+from fixtures.waits import eventually
 from fixtures.sts import is_ready, pod_name, running_and_ready, set_ready
 
 STS = "sts-xiuxian"
@@ -78,10 +77,8 @@ def test_pod_dns_records(api, cluster, namespace, pods, settings):
 
 
 def _wait_until(check, timeout, what) -> None:
-    """DNS has no watch: a bounded retry, fast at first."""
-    waiter = retry(stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.05, max=1),
-                   retry=retry_if_result(lambda ok: not ok), retry_error_callback=lambda state: False)
-    assert waiter(check)(), f"timed out after {timeout:.0f}s waiting for {what}"
+    """DNS has no watch: a bounded retry."""
+    assert eventually(check, timeout), f"timed out after {timeout:.0f}s waiting for {what}"
 
 
 @pytest.mark.behaviour("service_spreads")
