@@ -4,7 +4,7 @@ from kubernetes import client
 
 from fixtures import manifests
 from fixtures.execs import run_in
-from fixtures.sts import owned_pods, pod_name, running_and_ready, set_phase
+from fixtures.sts import owned_pods, pod_name, replaced, running_and_ready, set_phase
 
 STS = "sts-xiuxian"
 SVC = "svc-headless"
@@ -72,8 +72,8 @@ def test_deployment_contrast(api, namespace, pods, settings):
                           and deployment_pods(objs), settings.wait_timeout, "a replacement Deployment pod")
     replacement = after - before
     assert len(replacement) == 1 and victim not in after, "the Deployment's replacement should have a new name"
-    objs = pods.wait_for(lambda objs: pod_name(STS, 0) in objs and objs[pod_name(STS, 0)]["metadata"]["uid"] != old_uid
-                         and objs, settings.wait_timeout, "the StatefulSet pod to come back")
+    objs = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 0), old_uid) and objs, settings.wait_timeout,
+                         "the StatefulSet pod to come back")
     assert objs[pod_name(STS, 0)]["spec"].get("hostname") == pod_name(STS, 0)
 
 
@@ -90,9 +90,7 @@ def test_deleted_pod_same_identity(api, namespace, pods, pvcs, settings):
 
     pods.mark(f"delete {pod_name(STS, 1)}")
     client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 1), namespace)
-    after = pods.wait_for(lambda objs: pod_name(STS, 1) in objs and
-                          objs[pod_name(STS, 1)]["metadata"]["uid"] != victim["metadata"]["uid"] and
-                          not objs[pod_name(STS, 1)]["metadata"].get("deletionTimestamp") and objs,
+    after = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 1), victim["metadata"]["uid"]) and objs,
                           settings.wait_timeout, f"{pod_name(STS, 1)} to come back")[pod_name(STS, 1)]
 
     assert after["spec"].get("hostname") == pod_name(STS, 1)
@@ -113,7 +111,7 @@ def test_failed_pod_recreated(api, namespace, pods, settings):
     pods.mark(f"set {pod_name(STS, 1)} phase Failed")
     set_phase(api, namespace, pod_name(STS, 1), "Failed")
     objs = pods.wait_for(lambda objs: running_and_ready(STS, range(2))(objs)
-                         and objs[pod_name(STS, 1)]["metadata"]["uid"] != old_uid and objs,
+                         and replaced(objs, pod_name(STS, 1), old_uid) and objs,
                          settings.wait_timeout, f"{pod_name(STS, 1)} replaced and Ready")
     assert objs[pod_name(STS, 1)]["spec"].get("hostname") == pod_name(STS, 1)
 

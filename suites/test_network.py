@@ -7,7 +7,7 @@ from fixtures.recorder import Recorder, generic_state
 from fixtures.execs import sh
 from fixtures.resolver import resolver_for
 from fixtures.waits import eventually
-from fixtures.sts import is_ready, pod_name, running_and_ready, set_ready
+from fixtures.sts import is_ready, pod_name, replaced, running_and_ready, set_ready
 
 STS = "sts-xiuxian"
 SVC = "svc-headless"
@@ -70,8 +70,8 @@ def test_pod_dns_records(api, cluster, namespace, pods, settings):
     pods.mark(f"delete {victim}")
     old_uid = objs[victim]["metadata"]["uid"]
     client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o[victim]["metadata"]["uid"] != old_uid
-                         and o, settings.wait_timeout, f"{victim} recreated")
+    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and replaced(o, victim, old_uid) and o,
+                         settings.wait_timeout, f"{victim} recreated")
     ips[victim] = objs[victim]["status"]["podIP"]
     _wait_until(records_match, settings.wait_timeout, f"{victim}.{domain} to resolve to its new IP {ips[victim]}")
 

@@ -6,7 +6,7 @@ import pytest
 from kubernetes import client
 
 from fixtures import manifests
-from fixtures.sts import (added, began_terminating, became_ready, deleted, hold_pods, is_ready, owned_pods,
+from fixtures.sts import (added, terminating_ordinals, began_terminating, became_ready, deleted, hold_pods, is_ready, owned_pods,
                           pod_name, release_finalizer, release_gate, running_and_ready, scale, set_ready)
 
 STS = "sts-xiuxian"
@@ -50,14 +50,12 @@ def test_ordered_scale_down(api, namespace, pods, settings):
     create_web(api, namespace, replicas=4, on_delete=True)
     pods.wait_for(running_and_ready(STS, range(4)), settings.wait_timeout, "4 pods Running and Ready")
 
-    def terminating(objs):
-        return {i for i, pod in owned_pods(objs, STS).items() if pod["metadata"].get("deletionTimestamp")}
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
     for i in (3, 2, 1):
-        pods.wait_for(lambda objs: i in terminating(objs), settings.wait_timeout, f"{pod_name(STS, i)} terminating")
-        assert pods.stays(lambda objs: terminating(objs) == {i}, settings.quiet_window), \
-            f"pods {sorted(terminating(pods.snapshot()[0]))} terminating at once; only {pod_name(STS, i)} should be"
+        pods.wait_for(lambda objs: i in terminating_ordinals(objs, STS), settings.wait_timeout, f"{pod_name(STS, i)} terminating")
+        assert pods.stays(lambda objs: terminating_ordinals(objs, STS) == {i}, settings.quiet_window), \
+            f"pods {sorted(terminating_ordinals(pods.snapshot()[0], STS))} terminating at once; only {pod_name(STS, i)} should be"
         pods.mark(f"release {pod_name(STS, i)}")
         release_finalizer(api, namespace, pod_name(STS, i))
     pods.wait_for(running_and_ready(STS, range(1)), settings.wait_timeout, "only pod 0 left")

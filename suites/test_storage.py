@@ -6,7 +6,7 @@ from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import is_ready, owned_pods, pod_name, running_and_ready, scale
+from fixtures.sts import is_ready, owned_pods, pod_name, replaced, running_and_ready, scale
 
 STS = "sts-xiuxian"
 
@@ -83,7 +83,7 @@ def test_pvc_retain_default(api, namespace, pods, pvcs, settings):
     pods.mark(f"delete pod {pod_name(STS, 1)}")
     old = pods.snapshot()[0][pod_name(STS, 1)]["metadata"]["uid"]
     client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 1), namespace)
-    pods.wait_for(lambda o: pod_name(STS, 1) in o and o[pod_name(STS, 1)]["metadata"]["uid"] != old,
+    pods.wait_for(lambda o: replaced(o, pod_name(STS, 1), old),
                   settings.wait_timeout, "pod 1 recreated")
     remounted(range(3))
     unchanged(pvcs.snapshot()[0])
@@ -199,7 +199,7 @@ def _recreate(api, namespace, pods, name, timeout):
     old = pods.snapshot()[0][name]["metadata"]["uid"]
     pods.mark(f"delete {name}")
     client.CoreV1Api(api).delete_namespaced_pod(name, namespace)
-    pods.wait_for(lambda o: name in o and o[name]["metadata"]["uid"] != old and is_ready(o[name]), timeout,
+    pods.wait_for(lambda o: replaced(o, name, old) and is_ready(o[name]), timeout,
                   f"{name} recreated and Ready")
 
 

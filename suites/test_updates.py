@@ -6,7 +6,7 @@ from kubernetes import client
 from fixtures import manifests
 from fixtures.recorder import Event
 from fixtures.sts import (HOLD_FINALIZER, began_terminating, hold_pods, is_ready, owned_pods, pod_name,
-                          release_finalizer, running_and_ready)
+                          release_finalizer, replaced, running_and_ready, terminating_ordinals)
 
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
 
@@ -160,7 +160,7 @@ def test_partition(api, namespace, pods, statefulsets, settings, replicas, parti
     pods.mark(f"delete {victim} (below the partition)")
     old_uid = pods.snapshot()[0][victim]["metadata"]["uid"]
     client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    pods.wait_for(lambda objs: victim in objs and objs[victim]["metadata"]["uid"] != old_uid and split(objs),
+    pods.wait_for(lambda objs: replaced(objs, victim, old_uid) and split(objs),
                   settings.wait_timeout, f"{victim} back at the old revision")
     assert images(pods.snapshot()[0], sts)[partition - 1] == OLD, f"{victim} came back with the new template"
 
@@ -218,11 +218,9 @@ def test_max_unavailable(api, namespace, pods, statefulsets, settings):
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
 
-    def terminating(objs):
-        return {i for i, p in owned_pods(objs, sts).items() if p["metadata"].get("deletionTimestamp")}
-    pods.wait_for(lambda o: len(terminating(o)) >= 2, settings.wait_timeout, "2 pods taken down")
-    assert pods.stays(lambda o: terminating(o) == {3, 4}, settings.quiet_window), \
-        f"expected exactly pods 3 and 4 down, saw {sorted(terminating(pods.snapshot()[0]))}"
+    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, settings.wait_timeout, "2 pods taken down")
+    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}, settings.quiet_window), \
+        f"expected exactly pods 3 and 4 down, saw {sorted(terminating_ordinals(pods.snapshot()[0], sts))}"
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
         if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
