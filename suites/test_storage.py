@@ -56,9 +56,20 @@ def test_pvc_per_ordinal(api, namespace, pods, pvcs, settings):
         assert pvc["spec"].get("storageClassName") == "nfs-client"
         volume = client.CoreV1Api(api).read_persistent_volume(pvc["spec"]["volumeName"])
         assert volume.spec.claim_ref.name == claim(i) and volume.spec.claim_ref.namespace == namespace
-        assert volume.spec.storage_class_name == "nfs-client" and volume.spec.nfs is not None
+        assert volume.spec.storage_class_name == "nfs-client"
         volumes[claim(i)] = volume.metadata.name
     assert len(set(volumes.values())) == 3, f"claims share volumes: {volumes}"
+
+
+@pytest.mark.behaviour("pvc_per_ordinal")
+@pytest.mark.needs("dynamic_storage", "nfs")
+def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs, settings):
+    """Seed 003's claims are served by the NFS provisioner: each bound volume is an NFS volume."""
+    create_web(api, namespace, replicas=3)
+    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound")
+    for i in range(3):
+        volume = client.CoreV1Api(api).read_persistent_volume(claims[claim(i)]["spec"]["volumeName"])
+        assert volume.spec.nfs is not None, f"{claim(i)} is bound to {volume.metadata.name}, which is not NFS"
 
 
 @pytest.mark.behaviour("pvc_retain_default")
@@ -160,6 +171,7 @@ def static_pvs(api, namespace):
 
 
 @pytest.mark.behaviour("static_pv_binding")
+@pytest.mark.needs("nfs")
 def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
     docs = manifests.load("zookeeper-static", namespace, replicas=2)
     template = manifests.one(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
