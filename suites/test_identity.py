@@ -43,7 +43,7 @@ def test_ordinal_identity(api, namespace, pods, settings, start):
                             settings.wait_timeout, f"pods {first}..{first + 2} Running and Ready")
 
     sts_uid = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace).metadata.uid
-    pod_index_label = server_minor(api) >= 32  # the pod-index label is GA from 1.32 (BEHAVIOURS.md)
+    pod_index_label = server_minor(api) >= 32  # the pod-index label is GA from 1.32 (docs/BEHAVIOURS.md)
     for ordinal, pod in owned_pods(objects, STS).items():
         assert_identity(pod, sts_uid, ordinal, pod_index_label)
 
