@@ -28,7 +28,7 @@ def eligible_nodes(api, tolerations) -> set[str]:
 
 @pytest.mark.behaviour("daemonset_per_node")
 @pytest.mark.parametrize("extra_toleration", [False, True], ids=["seed-tolerations", "tolerates-control-plane"])
-def test_daemonset_per_node(api, namespace, pods, settings, extra_toleration):
+def test_daemonset_per_node(api, namespace, pods, extra_toleration):
     docs = manifests.load("daemonset-fluentd", namespace)
     spec = manifests.one(docs, "DaemonSet")["spec"]["template"]["spec"]
     if extra_toleration:
@@ -39,7 +39,6 @@ def test_daemonset_per_node(api, namespace, pods, settings, extra_toleration):
     def placement(objs):
         live = [p for p in objs.values() if not p["metadata"].get("deletionTimestamp")]
         return sorted(p["spec"].get("nodeName") or "" for p in live)
-    pods.wait_for(lambda objs: placement(objs) == sorted(expected), settings.wait_timeout,
-                  f"one pod on each of {sorted(expected)}")
-    assert pods.stays(lambda objs: placement(objs) == sorted(expected), settings.quiet_window), \
+    pods.wait_for(lambda objs: placement(objs) == sorted(expected), f"one pod on each of {sorted(expected)}")
+    assert pods.stays(lambda objs: placement(objs) == sorted(expected)), \
         "the DaemonSet's pods moved or multiplied"

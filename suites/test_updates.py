@@ -3,24 +3,16 @@
 import pytest
 from kubernetes import client
 
-from fixtures import manifests
 from fixtures.recorder import Event
-from fixtures.sts import (HOLD_FINALIZER, began_terminating, hold_pods, is_ready, owned_pods, pod_name,
-                          release_finalizer, replaced, running_and_ready, terminating_ordinals)
+from fixtures.sts import (HOLD_FINALIZER, began_terminating, create, is_ready, owned_pods, pod_name,
+                          recreate_pod, release_finalizer, running_and_ready, terminating_ordinals)
 
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
 
 
-def create(api, namespace, name="headless-network", replicas=3, strategy=None, sts_name=None, **spec):
-    docs = manifests.load(name, namespace, replicas=replicas)
-    sts = manifests.one(docs, "StatefulSet")
-    if strategy:
-        sts["spec"]["updateStrategy"] = strategy
-    sts["spec"].update(spec)
-    for container in sts["spec"]["template"]["spec"]["containers"]:
-        container["image"] = OLD
-    manifests.apply(api, docs)
-    return sts["metadata"]["name"]
+def create_web(api, namespace, replicas, **spec) -> str:
+    """A web set at the OLD image, so every test updates it to NEW; returns its name."""
+    return create(api, namespace, "headless-network", replicas, image=OLD, **spec)["metadata"]["name"]
 
 
 def set_image(api, namespace, sts, image) -> None:
@@ -43,14 +35,14 @@ def images(objs, sts) -> dict[int, str]:
     return {i: pod["spec"]["containers"][0]["image"] for i, pod in owned_pods(objs, sts).items()}
 
 
-def settled_status(statefulsets, sts, timeout, what, check=lambda status: True) -> dict:
+def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
     """The status once the controller has observed the latest spec (observedGeneration) and check holds."""
     def ready(objs):
         obj = objs.get(sts)
         if not obj or (obj.get("status") or {}).get("observedGeneration", 0) < obj["metadata"]["generation"]:
             return None
         return obj["status"] if check(obj["status"]) else None
-    return statefulsets.wait_for(ready, timeout, what)
+    return statefulsets.wait_for_value(ready, what)
 
 
 def rolled_out(replicas):
@@ -60,21 +52,21 @@ def rolled_out(replicas):
 
 def all_at(sts, ordinals, revision):
     def check(objs):
-        return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision} and objs
+        return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision}
     return check
 
 
 @pytest.mark.behaviour("rolling_update_reverse")
-def test_rolling_update_reverse(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(sts, range(3)), settings.wait_timeout, "3 pods")
-    old = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(3))["currentRevision"]
+def test_rolling_update_reverse(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3)
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    old = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
 
     pods.mark(f"update image to {NEW}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
+    new = settled_status(statefulsets, sts, "a new update revision",
                          lambda s: s.get("updateRevision") != old)["updateRevision"]
-    pods.wait_for(all_at(sts, range(3), new), settings.wait_timeout, "every pod at the new revision")
+    pods.wait_for(all_at(sts, range(3), new), "every pod at the new revision")
 
     _, events = pods.snapshot()
     start = next(e.seq for e in events if e.type == "ACTION")
@@ -100,30 +92,30 @@ def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
 
 
 @pytest.mark.behaviour("revision_status")
-def test_revision_status_and_rollback(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(sts, range(3)), settings.wait_timeout, "3 pods")
-    first = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(3))
+def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3)
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    first = settled_status(statefulsets, sts, "status", rolled_out(3))
     old = first["currentRevision"]
     assert first["updateRevision"] == old
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
 
     pods.mark("update")
     set_image(api, namespace, sts, NEW)
-    rolled = settled_status(statefulsets, sts, settings.wait_timeout, "the rollout to finish",
+    rolled = settled_status(statefulsets, sts, "the rollout to finish",
                             lambda s: s.get("updateRevision") != old and rolled_out(3)(s))
     new = rolled["updateRevision"]
     assert rolled["currentRevision"] == new
-    pods.wait_for(all_at(sts, range(3), new), settings.wait_timeout, "pods labelled with the new revision")
+    pods.wait_for(all_at(sts, range(3), new), "pods labelled with the new revision")
     history = _controller_revisions(api, namespace, sts)
     assert {old, new} <= set(history), f"ControllerRevisions {sorted(history)} lack {old} or {new}"
 
     pods.mark("roll back")
     set_image(api, namespace, sts, OLD)
-    back = settled_status(statefulsets, sts, settings.wait_timeout, "the rollback to finish",
+    back = settled_status(statefulsets, sts, "the rollback to finish",
                           lambda s: s.get("updateRevision") == old and rolled_out(3)(s))
     assert back["currentRevision"] == old, "the rollback did not re-use the old ControllerRevision name"
-    pods.wait_for(all_at(sts, range(3), old), settings.wait_timeout, "pods back at the old revision")
+    pods.wait_for(all_at(sts, range(3), old), "pods back at the old revision")
     after = _controller_revisions(api, namespace, sts)
     assert set(after) == set(history), f"the rollback created a new ControllerRevision: {sorted(after)}"
     assert after[old] > history[new], "the re-used ControllerRevision was not given the newest revision number"
@@ -138,60 +130,53 @@ def _controller_revisions(api, namespace, sts) -> dict[str, int]:
 @pytest.mark.behaviour("partition")
 @pytest.mark.parametrize("replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3",
                                                                         "seed001-3-of-partition-2"])
-def test_partition(api, namespace, pods, statefulsets, settings, replicas, partition):
-    sts = create(api, namespace, "headless-network", replicas=replicas,
-                 strategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}})
-    pods.wait_for(running_and_ready(sts, range(replicas)), settings.wait_timeout, f"{replicas} pods")
-    old = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(replicas))["currentRevision"]
+def test_partition(api, namespace, pods, statefulsets, replicas, partition):
+    sts = create_web(api, namespace, replicas,
+                     updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}})
+    pods.wait_for(running_and_ready(sts, range(replicas)), f"{replicas} pods")
+    old = settled_status(statefulsets, sts, "status", rolled_out(replicas))["currentRevision"]
 
     pods.mark(f"update image, partition {partition}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
+    new = settled_status(statefulsets, sts, "a new update revision",
                          lambda s: s.get("updateRevision") != old)["updateRevision"]
     expected = {i: (new if i >= partition else old) for i in range(replicas)}
 
     def split(objs):
         return running_and_ready(sts, range(replicas))(objs) and revisions(objs, sts) == expected
-    pods.wait_for(split, settings.wait_timeout, f"ordinals >= {partition} at the new revision, the rest old")
-    assert pods.stays(split, settings.quiet_window), "pods below the partition were updated"
+    pods.wait_for(split, f"ordinals >= {partition} at the new revision, the rest old")
+    assert pods.stays(split), "pods below the partition were updated"
     assert all(images(pods.snapshot()[0], sts)[i] == OLD for i in range(partition))
 
-    victim = pod_name(sts, partition - 1)
-    pods.mark(f"delete {victim} (below the partition)")
-    old_uid = pods.snapshot()[0][victim]["metadata"]["uid"]
-    client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    pods.wait_for(lambda objs: replaced(objs, victim, old_uid) and split(objs),
-                  settings.wait_timeout, f"{victim} back at the old revision")
+    victim = pod_name(sts, partition - 1)  # below the partition
+    recreate_pod(api, pods, victim, until=split, what=f"{victim} back at the old revision")
     assert images(pods.snapshot()[0], sts)[partition - 1] == OLD, f"{victim} came back with the new template"
 
     pods.mark("lower the partition to 0")
     set_partition(api, namespace, sts, 0)
-    pods.wait_for(all_at(sts, range(replicas), new), settings.wait_timeout, "every pod at the new revision")
-    settled_status(statefulsets, sts, settings.wait_timeout, "the rollout to finish",
+    pods.wait_for(all_at(sts, range(replicas), new), "every pod at the new revision")
+    settled_status(statefulsets, sts, "the rollout to finish",
                    lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new)
 
 
 @pytest.mark.behaviour("ondelete")
-def test_ondelete(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3, strategy={"type": "OnDelete"})
-    objs = pods.wait_for(lambda o: running_and_ready(sts, range(3))(o) and o, settings.wait_timeout, "3 pods")
+def test_ondelete(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3, updateStrategy={"type": "OnDelete"})
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
     old = set(revisions(objs, sts).values())
     before = {name: pod["metadata"]["uid"] for name, pod in objs.items()}
 
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
+    new = settled_status(statefulsets, sts, "a new update revision",
                          lambda s: s.get("updateRevision") not in old)["updateRevision"]
-    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before, settings.quiet_window), \
+    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before), \
         "OnDelete replaced a pod by itself"
     # Under OnDelete status.currentRevision may never advance: assert on the pods' labels.
     assert set(revisions(pods.snapshot()[0], sts).values()) == old
 
     victim = pod_name(sts, 1)
-    pods.mark(f"delete {victim}")
-    client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    objs = pods.wait_for(lambda o: running_and_ready(sts, range(3))(o) and o[victim]["metadata"]["uid"]
-                         != before[victim] and o, settings.wait_timeout, f"{victim} recreated")
+    objs = recreate_pod(api, pods, victim, until=running_and_ready(sts, range(3)), what=f"{victim} recreated")
     (old_revision,) = old
     assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, \
         f"only the deleted pod should carry the new revision: {revisions(objs, sts)}"
@@ -199,27 +184,22 @@ def test_ondelete(api, namespace, pods, statefulsets, settings):
 
 
 @pytest.mark.behaviour("max_unavailable")
-def test_max_unavailable(api, namespace, pods, statefulsets, settings):
-    docs = manifests.load("headless-network", namespace, replicas=5)
-    sts_doc = manifests.one(docs, "StatefulSet")
-    sts_doc["spec"]["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}}
-    sts_doc["spec"]["podManagementPolicy"] = "Parallel"
-    hold_pods(sts_doc, on_delete=True)
-    manifests.apply(api, docs)
-    sts = sts_doc["metadata"]["name"]
+def test_max_unavailable(api, namespace, pods, statefulsets):
+    sts = create(api, namespace, "headless-network", replicas=5, on_delete=True, podManagementPolicy="Parallel",
+                 updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}})["metadata"]["name"]
     stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
     if stored.max_unavailable is None:
         pytest.skip("the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
                     "is off in this cluster")
-    pods.wait_for(running_and_ready(sts, range(5)), settings.wait_timeout, "5 pods")
+    pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
 
     # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
     # is visible: exactly maxUnavailable, from the top.
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
 
-    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, settings.wait_timeout, "2 pods taken down")
-    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}, settings.quiet_window), \
+    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, "2 pods taken down")
+    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}), \
         f"expected exactly pods 3 and 4 down, saw {sorted(terminating_ordinals(pods.snapshot()[0], sts))}"
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
@@ -228,17 +208,17 @@ def test_max_unavailable(api, namespace, pods, statefulsets, settings):
 
 
 @pytest.mark.behaviour("min_ready_available")
-def test_min_ready_available(api, namespace, pods, statefulsets, settings):
+def test_min_ready_available(api, namespace, pods, statefulsets):
     min_ready = 3
-    sts = create(api, namespace, replicas=2, podManagementPolicy="Parallel", minReadySeconds=min_ready)
-    pods.wait_for(running_and_ready(sts, range(2)), settings.wait_timeout, "2 pods Ready")
-    ready_at = statefulsets.wait_for(lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2
-                                     and o[sts]["status"], settings.wait_timeout, "readyReplicas 2")
+    sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", minReadySeconds=min_ready)
+    pods.wait_for(running_and_ready(sts, range(2)), "2 pods Ready")
+    ready_at = statefulsets.wait_for(lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2,
+                                     "readyReplicas 2")[sts]["status"]
     assert ready_at.get("availableReplicas", 0) < 2, "pods counted available at once despite minReadySeconds"
     _, events = statefulsets.snapshot()
     t_ready = next(e.at for e in events if e.type != "ACTION" and e.state["status"].get("readyReplicas") == 2)
     statefulsets.wait_for(lambda o: (o[sts].get("status") or {}).get("availableReplicas") == 2,
-                          settings.wait_timeout + min_ready, "availableReplicas 2")
+                          "availableReplicas 2", timeout=statefulsets.timeout + min_ready)
     _, events = statefulsets.snapshot()
     t_available = next(e.at for e in events if e.type != "ACTION"
                        and e.state["status"].get("availableReplicas") == 2)

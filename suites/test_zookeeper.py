@@ -7,18 +7,18 @@ from kubernetes import client
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import pod_name, running_and_ready
+from fixtures.sts import create, evict, pod_name, running_and_ready
 
 STS, HEADLESS = "zk", "zk-hs"
-ZK_TIMEOUT = 600  # image pull and leader election on a fresh kind cluster
 
-pytestmark = [pytest.mark.needs("containers", "dynamic_storage", "nodes")]
+pytestmark = [pytest.mark.needs("containers", "dynamic_storage", "nodes"),
+              pytest.mark.wait_timeout(600)]  # image pull and leader election on a fresh kind cluster
 
 
 @pytest.fixture
-def ensemble(api, namespace, pods, settings):
-    manifests.apply(api, manifests.load("zookeeper", namespace, replicas=3))
-    pods.wait_for(running_and_ready(STS, range(3)), max(settings.wait_timeout, ZK_TIMEOUT), "3 zk members Ready")
+def ensemble(api, namespace, pods):
+    create(api, namespace, "zookeeper", replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 zk members Ready")
     return namespace
 
 
@@ -57,7 +57,7 @@ def test_zk_config(api, ensemble):
 
 
 @pytest.mark.behaviour("zk_quorum")
-def test_zk_quorum(api, ensemble, pods, settings):
+def test_zk_quorum(api, ensemble, pods):
     modes = sorted(mode(api, ensemble, i) for i in range(3))
     assert modes == ["follower", "follower", "leader"], f"modes: {modes}"
 
@@ -67,20 +67,19 @@ def test_zk_quorum(api, ensemble, pods, settings):
     pods.mark("delete zk-2")
     client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 2), ensemble)
     assert "world" in zk_cli(api, ensemble, 0, "get", "/hello"), "the ensemble stopped serving with one member down"
-    pods.wait_for(running_and_ready(STS, range(3)), ZK_TIMEOUT, "zk-2 back")
+    pods.wait_for(running_and_ready(STS, range(3)), "zk-2 back")
 
     pods.mark("delete and re-create the StatefulSet")
     docs = manifests.load("zookeeper", ensemble, replicas=3)
     client.AppsV1Api(api).delete_namespaced_stateful_set(STS, ensemble)
-    pods.wait_for(lambda objs: not any(n.startswith(f"{STS}-") for n in objs), ZK_TIMEOUT, "all members gone")
+    pods.wait_for(lambda objs: not any(n.startswith(f"{STS}-") for n in objs), "all members gone")
     manifests.apply(api, [manifests.one(docs, "StatefulSet")])
-    pods.wait_for(running_and_ready(STS, range(3)), ZK_TIMEOUT, "the ensemble back")
+    pods.wait_for(running_and_ready(STS, range(3)), "the ensemble back")
     assert "world" in zk_cli(api, ensemble, 2, "get", "/hello"), "the data did not survive re-creating the set"
 
 
 @pytest.mark.behaviour("pdb_eviction")
 def test_pdb_eviction_on_the_ensemble(api, ensemble, pods):
-    from suites.test_disruption import evict
     assert evict(api, ensemble, pod_name(STS, 0)) == 201, "the first eviction was refused"
     assert evict(api, ensemble, pod_name(STS, 1)) == 429, "a second eviction was allowed with one member down"
-    pods.wait_for(running_and_ready(STS, range(3)), ZK_TIMEOUT, "the evicted member back")
+    pods.wait_for(running_and_ready(STS, range(3)), "the evicted member back")
