@@ -1,4 +1,5 @@
 """Disruption: the ZooKeeper PDB of seed 000 (maxUnavailable 1) through the Eviction API."""
+
 import pytest
 from kubernetes import client
 

@@ -1,4 +1,5 @@
 """Stable identity: ordinal names, hostname/subdomain, labels, owner, same name after deletion."""
+
 import pytest
 from kubernetes import client
 
@@ -26,8 +27,9 @@ def assert_identity(pod: dict, sts_uid: str, ordinal: int, pod_index_label: bool
     if pod_index_label:
         assert labels.get("apps.kubernetes.io/pod-index") == str(ordinal), f"{name}: pod-index label missing"
     owners = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]
-    assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("StatefulSet", STS, sts_uid)], \
+    assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("StatefulSet", STS, sts_uid)], (
         f"{name}: not controlled by the StatefulSet"
+    )
 
 
 @pytest.mark.behaviour("ordinal_identity")
@@ -36,7 +38,9 @@ def test_ordinal_identity(api, namespace, pods, start):
     ordinals = {} if start is None else {"ordinals": {"start": start}}
     create(api, namespace, "headless-network", replicas=3, **ordinals)
     first = start or 0
-    objects = pods.wait_for(running_and_ready(STS, range(first, first + 3)), f"pods {first}..{first + 2} Running and Ready")
+    objects = pods.wait_for(
+        running_and_ready(STS, range(first, first + 3)), f"pods {first}..{first + 2} Running and Ready"
+    )
 
     sts_uid = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace).metadata.uid
     pod_index_label = server_minor(api) >= 32  # the pod-index label is GA from 1.32 (docs/BEHAVIOURS.md)
@@ -47,17 +51,26 @@ def test_ordinal_identity(api, namespace, pods, start):
 @pytest.mark.behaviour("deployment_contrast")
 def test_deployment_contrast(api, namespace, pods):
     # Seed 002: a Deployment's replacement pod gets a new random name; a StatefulSet's keeps its name.
-    manifests.apply(api, manifests.load("deployment-contrast", namespace) +
-                    manifests.load("headless-network", namespace, replicas=2))
+    manifests.apply(
+        api,
+        manifests.load("deployment-contrast", namespace) + manifests.load("headless-network", namespace, replicas=2),
+    )
     core = client.CoreV1Api(api)
 
     def deployment_pods(objs):
-        return {n for n, p in objs.items() if (p["metadata"].get("labels") or {}).get("app") == "stateless"
-                and not p["metadata"].get("deletionTimestamp")}
+        return {
+            n
+            for n, p in objs.items()
+            if (p["metadata"].get("labels") or {}).get("app") == "stateless"
+            and not p["metadata"].get("deletionTimestamp")
+        }
 
-    before = deployment_pods(pods.wait_for(lambda objs: len(deployment_pods(objs)) == 2
-                                           and running_and_ready(STS, range(2))(objs),
-                                           "2 Deployment and 2 StatefulSet pods"))
+    before = deployment_pods(
+        pods.wait_for(
+            lambda objs: len(deployment_pods(objs)) == 2 and running_and_ready(STS, range(2))(objs),
+            "2 Deployment and 2 StatefulSet pods",
+        )
+    )
     victim = sorted(before)[0]
     assert victim.startswith("deploy-xiuxian-") and len(victim) > len("deploy-xiuxian-"), victim
 
@@ -65,8 +78,11 @@ def test_deployment_contrast(api, namespace, pods):
     old_uid = pods.snapshot()[0][pod_name(STS, 0)]["metadata"]["uid"]
     core.delete_namespaced_pod(victim, namespace)
     core.delete_namespaced_pod(pod_name(STS, 0), namespace)
-    after = deployment_pods(pods.wait_for(lambda objs: len(deployment_pods(objs)) == 2 and victim not in objs,
-                                          "a replacement Deployment pod"))
+    after = deployment_pods(
+        pods.wait_for(
+            lambda objs: len(deployment_pods(objs)) == 2 and victim not in objs, "a replacement Deployment pod"
+        )
+    )
     replacement = after - before
     assert len(replacement) == 1 and victim not in after, "the Deployment's replacement should have a new name"
     objs = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 0), old_uid), "the StatefulSet pod to come back")
@@ -87,8 +103,9 @@ def test_deleted_pod_same_identity(api, namespace, pods, pvcs):
     assert after["spec"].get("subdomain") == SVC
     volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in after["spec"]["volumes"]}
     assert volumes.get("data") == claim, f"the recreated pod mounts {volumes.get('data')!r}, not {claim}"
-    assert pvcs.snapshot()[0][claim]["metadata"]["uid"] == claims[claim]["metadata"]["uid"], \
+    assert pvcs.snapshot()[0][claim]["metadata"]["uid"] == claims[claim]["metadata"]["uid"], (
         f"claim {claim} was replaced"
+    )
 
 
 @pytest.mark.behaviour("failed_pod_recreated")
@@ -99,8 +116,10 @@ def test_failed_pod_recreated(api, namespace, pods):
 
     pods.mark(f"set {pod_name(STS, 1)} phase Failed")
     set_phase(api, namespace, pod_name(STS, 1), "Failed")
-    objs = pods.wait_for(lambda objs: running_and_ready(STS, range(2))(objs) and replaced(objs, pod_name(STS, 1), old_uid),
-                         f"{pod_name(STS, 1)} replaced and Ready")
+    objs = pods.wait_for(
+        lambda objs: running_and_ready(STS, range(2))(objs) and replaced(objs, pod_name(STS, 1), old_uid),
+        f"{pod_name(STS, 1)} replaced and Ready",
+    )
     assert objs[pod_name(STS, 1)]["spec"].get("hostname") == pod_name(STS, 1)
 
 

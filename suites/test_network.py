@@ -1,4 +1,5 @@
 """Stable network: the headless governing Service and the EndpointSlices that list every ready pod."""
+
 import pytest
 from kubernetes import client
 
@@ -19,15 +20,20 @@ def ready_endpoints(slices: dict) -> dict[str, str]:
     for item in slices.values():
         for endpoint in item.get("endpoints") or []:
             if (endpoint.get("conditions") or {}).get("ready"):
-                found[endpoint.get("hostname") or f"<no hostname: {endpoint.get('targetRef', {}).get('name')}>"] = \
+                found[endpoint.get("hostname") or f"<no hostname: {endpoint.get('targetRef', {}).get('name')}>"] = (
                     endpoint["addresses"][0]
+                )
     return found
 
 
 @pytest.mark.behaviour("headless_service")
 def test_headless_service(api, namespace, pods, watch):
-    slices = watch(client.DiscoveryV1Api(api).list_namespaced_endpoint_slice, "endpointslices", generic_state,
-                   label_selector=f"kubernetes.io/service-name={SVC}")
+    slices = watch(
+        client.DiscoveryV1Api(api).list_namespaced_endpoint_slice,
+        "endpointslices",
+        generic_state,
+        label_selector=f"kubernetes.io/service-name={SVC}",
+    )
     create(api, namespace, "headless-network", replicas=3)
     service = client.CoreV1Api(api).read_namespaced_service(SVC, namespace)
     assert service.spec.cluster_ip == "None", "the governing Service is not headless"
@@ -55,11 +61,14 @@ def test_pod_dns_records(api, cluster, namespace, pods, wait_timeout):
     ips = {pod_name(STS, i): objs[pod_name(STS, i)]["status"]["podIP"] for i in range(3)}
 
     def records_match() -> bool:
-        return all(resolver.a(f"{name}.{domain}") == {ip} for name, ip in ips.items()) \
-            and resolver.a(domain) == set(ips.values())
+        return all(resolver.a(f"{name}.{domain}") == {ip} for name, ip in ips.items()) and resolver.a(domain) == set(
+            ips.values()
+        )
+
     _wait_until(records_match, wait_timeout, f"A records for every pod under {domain}")
-    assert resolver.srv(f"_web._tcp.{domain}") == {(f"{name}.{domain}", 80) for name in ips}, \
+    assert resolver.srv(f"_web._tcp.{domain}") == {(f"{name}.{domain}", 80) for name in ips}, (
         "SRV records for the named port do not list every pod"
+    )
 
     victim = pod_name(STS, 1)
     objs = recreate_pod(api, pods, victim, until=running_and_ready(STS, range(3)), what=f"{victim} recreated")
@@ -76,10 +85,18 @@ def _wait_until(check, timeout, what) -> None:
 @pytest.mark.needs("containers")
 def test_service_spreads(api, namespace, pods):
     # Seed 000: each pod serves its own page (AAA, BBB, CCC); the ClusterIP Service reaches all three.
-    manifests.apply(api, manifests.load("headless-network", namespace, replicas=3)
-                    + manifests.load("web-service", namespace) + manifests.load("client-pod", namespace))
-    pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o.get("probe", {}).get("status", {})
-                  .get("phase") == "Running", "3 web pods and the probe")
+    manifests.apply(
+        api,
+        manifests.load("headless-network", namespace, replicas=3)
+        + manifests.load("web-service", namespace)
+        + manifests.load("client-pod", namespace),
+    )
+    pods.wait_for(
+        lambda o: (
+            running_and_ready(STS, range(3))(o) and o.get("probe", {}).get("status", {}).get("phase") == "Running"
+        ),
+        "3 web pods and the probe",
+    )
     pages = {pod_name(STS, i): text for i, text in enumerate(("AAA", "BBB", "CCC"))}
     for pod, text in pages.items():
         sh(api, namespace, pod, f"echo {text} > /usr/share/nginx/html/index.html")

@@ -1,5 +1,6 @@
 """Stable storage: one claim per pod from volumeClaimTemplates, retained by default, re-used, and the
 retention policy; static NFS PVs bound by size (seed 001)."""
+
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -18,8 +19,10 @@ def claim(ordinal: int, sts: str = STS, template: str = "data") -> str:
 
 def bound(names: set[str]):
     """A pvc recorder condition: exactly these claims exist, all Bound."""
+
     def check(objs):
         return set(objs) == names and all((o.get("status") or {}).get("phase") == "Bound" for o in objs.values())
+
     return check
 
 
@@ -102,8 +105,13 @@ def test_pvc_retain_default(api, namespace, pods, pvcs):
 @pytest.mark.needs("dynamic_storage")
 @pytest.mark.parametrize("when_scaled, when_deleted", [("Delete", "Retain"), ("Retain", "Delete")])
 def test_pvc_retention_policy(api, namespace, pods, pvcs, when_scaled, when_deleted):
-    create(api, namespace, WEB, replicas=3,
-           persistentVolumeClaimRetentionPolicy={"whenScaled": when_scaled, "whenDeleted": when_deleted})
+    create(
+        api,
+        namespace,
+        WEB,
+        replicas=3,
+        persistentVolumeClaimRetentionPolicy={"whenScaled": when_scaled, "whenDeleted": when_deleted},
+    )
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
     original = uids(pvcs.wait_for(bound({claim(i) for i in range(3)}), "3 claims Bound"))
 
@@ -111,11 +119,11 @@ def test_pvc_retention_policy(api, namespace, pods, pvcs, when_scaled, when_dele
     scale(api, namespace, STS, 1)
     pods.wait_for(running_and_ready(STS, range(1)), "only pod 0 left")
     if when_scaled == "Delete":
-        pvcs.wait_for(lambda objs: set(objs) == {claim(0)},
-                      "claims of ordinals >= 1 deleted (whenScaled=Delete)")
+        pvcs.wait_for(lambda objs: set(objs) == {claim(0)}, "claims of ordinals >= 1 deleted (whenScaled=Delete)")
     else:
-        assert pvcs.stays(lambda objs: uids(objs) == original), \
+        assert pvcs.stays(lambda objs: uids(objs) == original), (
             "claims were deleted on scale-down under whenScaled=Retain"
+        )
     assert uids(pvcs.snapshot()[0])[claim(0)] == original[claim(0)], "the claim of a kept ordinal was replaced"
 
     pods.mark("delete the StatefulSet")
@@ -125,8 +133,9 @@ def test_pvc_retention_policy(api, namespace, pods, pvcs, when_scaled, when_dele
         pvcs.wait_for(lambda objs: not objs, "every claim deleted (whenDeleted=Delete)")
     else:
         kept = dict(pvcs.snapshot()[0])
-        assert pvcs.stays(lambda objs: uids(objs) == uids(kept)), \
+        assert pvcs.stays(lambda objs: uids(objs) == uids(kept)), (
             "claims were deleted with the StatefulSet under whenDeleted=Retain"
+        )
 
 
 @pytest.fixture
@@ -156,12 +165,15 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs):
     core = client.CoreV1Api(api)
 
     def volumes():
-        return {pv.metadata.name: pv for pv in core.list_persistent_volume(
-            label_selector=f"sts-conformance.k8s.io/namespace={namespace}").items}
+        return {
+            pv.metadata.name: pv
+            for pv in core.list_persistent_volume(label_selector=f"sts-conformance.k8s.io/namespace={namespace}").items
+        }
 
     def check_bindings(replicas):
-        claims = pvcs.wait_for(bound({claim(i, "zk", "datadir") for i in range(replicas)}),
-                               f"{replicas} claims Bound to static PVs")
+        claims = pvcs.wait_for(
+            bound({claim(i, "zk", "datadir") for i in range(replicas)}), f"{replicas} claims Bound to static PVs"
+        )
         pods.wait_for(running_and_ready("zk", range(replicas)), f"{replicas} zk pods")
         pvs = volumes()
         used = [claims[claim(i, "zk", "datadir")]["spec"]["volumeName"] for i in range(replicas)]
@@ -170,8 +182,9 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs):
             assert pvs[name].spec.capacity["storage"] == "2Gi", f"{name} is too small for a 2Gi claim"
             assert pvs[name].status.phase == "Bound"
         spare = sorted(set(pvs) - set(used))
-        assert all(pvs[name].status.phase == "Available" for name in spare), \
+        assert all(pvs[name].status.phase == "Available" for name in spare), (
             f"unused PVs not Available: {[(n, pvs[n].status.phase) for n in spare]}"
+        )
         return spare
 
     spare = check_bindings(2)
@@ -195,8 +208,9 @@ def test_data_survives_pod_deletion_nginx(api, namespace, pods):
     for pod in pages:
         recreate_pod(api, pods, pod, until=lambda o, pod=pod: is_ready(o[pod]), what=f"{pod} recreated and Ready")
     for pod, text in pages.items():
-        assert run_in(api, namespace, pod, ["cat", "/usr/share/nginx/html/index.html"]).strip() == text, \
+        assert run_in(api, namespace, pod, ["cat", "/usr/share/nginx/html/index.html"]).strip() == text, (
             f"{pod} lost its page"
+        )
 
 
 @pytest.mark.behaviour("data_survives_pod_deletion")
@@ -208,7 +222,12 @@ def test_data_survives_pod_deletion_redis(api, namespace, pods):
     for i in range(3):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "set", "member", f"redis-{i}"]).strip() == "OK"
     for i in range(3):
-        recreate_pod(api, pods, f"redis-{i}", until=lambda o, i=i: is_ready(o[f"redis-{i}"]),
-                     what=f"redis-{i} recreated and Ready")
+        recreate_pod(
+            api,
+            pods,
+            f"redis-{i}",
+            until=lambda o, i=i: is_ready(o[f"redis-{i}"]),
+            what=f"redis-{i} recreated and Ready",
+        )
     for i in range(3):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "get", "member"]).strip() == f"redis-{i}"

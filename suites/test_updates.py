@@ -1,11 +1,22 @@
 """Updates: rolling updates from the highest ordinal down, revisions and rollback, partition (seeds
 000 and 001), OnDelete, maxUnavailable and minReadySeconds."""
+
 import pytest
 from kubernetes import client
 
 from fixtures.recorder import Event
-from fixtures.sts import (HOLD_FINALIZER, began_terminating, create, is_ready, owned_pods, pod_name,
-                          recreate_pod, release_finalizer, running_and_ready, terminating_ordinals)
+from fixtures.sts import (
+    HOLD_FINALIZER,
+    began_terminating,
+    create,
+    is_ready,
+    owned_pods,
+    pod_name,
+    recreate_pod,
+    release_finalizer,
+    running_and_ready,
+    terminating_ordinals,
+)
 
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
 
@@ -18,13 +29,17 @@ def create_web(api, namespace, replicas, **spec) -> str:
 def set_image(api, namespace, sts, image) -> None:
     body = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace)
     container = body.spec.template.spec.containers[0].name
-    client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": {"template": {"spec": {
-        "containers": [{"name": container, "image": image}]}}}})
+    client.AppsV1Api(api).patch_namespaced_stateful_set(
+        sts, namespace, {"spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}}}
+    )
 
 
 def set_partition(api, namespace, sts, partition) -> None:
-    client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": {"updateStrategy": {
-        "type": "RollingUpdate", "rollingUpdate": {"partition": partition}}}})
+    client.AppsV1Api(api).patch_namespaced_stateful_set(
+        sts,
+        namespace,
+        {"spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}}},
+    )
 
 
 def revisions(objs, sts) -> dict[int, str]:
@@ -37,22 +52,28 @@ def images(objs, sts) -> dict[int, str]:
 
 def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
     """The status once the controller has observed the latest spec (observedGeneration) and check holds."""
+
     def ready(objs):
         obj = objs.get(sts)
         if not obj or (obj.get("status") or {}).get("observedGeneration", 0) < obj["metadata"]["generation"]:
             return None
         return obj["status"] if check(obj["status"]) else None
+
     return statefulsets.wait_for_value(ready, what)
 
 
 def rolled_out(replicas):
-    return lambda s: s.get("updatedReplicas") == replicas and s.get("readyReplicas") == replicas \
+    return lambda s: (
+        s.get("updatedReplicas") == replicas
+        and s.get("readyReplicas") == replicas
         and s.get("currentRevision") == s.get("updateRevision")
+    )
 
 
 def all_at(sts, ordinals, revision):
     def check(objs):
         return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision}
+
     return check
 
 
@@ -64,8 +85,9 @@ def test_rolling_update_reverse(api, namespace, pods, statefulsets):
 
     pods.mark(f"update image to {NEW}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, "a new update revision",
-                         lambda s: s.get("updateRevision") != old)["updateRevision"]
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
+        "updateRevision"
+    ]
     pods.wait_for(all_at(sts, range(3), new), "every pod at the new revision")
 
     _, events = pods.snapshot()
@@ -79,14 +101,20 @@ def test_rolling_update_reverse(api, namespace, pods, statefulsets):
     for i in (2, 1):
         replacement_ready = _first_ready_at(later, pod_name(sts, i), new)
         next_goes = began_terminating(later, pod_name(sts, i - 1))
-        assert replacement_ready.seq < next_goes.seq, \
+        assert replacement_ready.seq < next_goes.seq, (
             f"{pod_name(sts, i - 1)} was replaced before the new {pod_name(sts, i)} was Ready"
+        )
 
 
 def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
     for event in events:
-        if event.name == name and event.type != "DELETED" and event.state.get("revision") == revision \
-                and event.state.get("ready") and event.state.get("phase") == "Running":
+        if (
+            event.name == name
+            and event.type != "DELETED"
+            and event.state.get("revision") == revision
+            and event.state.get("ready")
+            and event.state.get("phase") == "Running"
+        ):
             return event
     raise AssertionError(f"{name} never became Ready at revision {revision}")
 
@@ -102,8 +130,9 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
 
     pods.mark("update")
     set_image(api, namespace, sts, NEW)
-    rolled = settled_status(statefulsets, sts, "the rollout to finish",
-                            lambda s: s.get("updateRevision") != old and rolled_out(3)(s))
+    rolled = settled_status(
+        statefulsets, sts, "the rollout to finish", lambda s: s.get("updateRevision") != old and rolled_out(3)(s)
+    )
     new = rolled["updateRevision"]
     assert rolled["currentRevision"] == new
     pods.wait_for(all_at(sts, range(3), new), "pods labelled with the new revision")
@@ -112,8 +141,9 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
 
     pods.mark("roll back")
     set_image(api, namespace, sts, OLD)
-    back = settled_status(statefulsets, sts, "the rollback to finish",
-                          lambda s: s.get("updateRevision") == old and rolled_out(3)(s))
+    back = settled_status(
+        statefulsets, sts, "the rollback to finish", lambda s: s.get("updateRevision") == old and rolled_out(3)(s)
+    )
     assert back["currentRevision"] == old, "the rollback did not re-use the old ControllerRevision name"
     pods.wait_for(all_at(sts, range(3), old), "pods back at the old revision")
     after = _controller_revisions(api, namespace, sts)
@@ -123,27 +153,34 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
 
 def _controller_revisions(api, namespace, sts) -> dict[str, int]:
     items = client.AppsV1Api(api).list_namespaced_controller_revision(namespace).items
-    return {r.metadata.name: r.revision for r in items
-            if any(o.kind == "StatefulSet" and o.name == sts for o in r.metadata.owner_references or [])}
+    return {
+        r.metadata.name: r.revision
+        for r in items
+        if any(o.kind == "StatefulSet" and o.name == sts for o in r.metadata.owner_references or [])
+    }
 
 
 @pytest.mark.behaviour("partition")
-@pytest.mark.parametrize("replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3",
-                                                                        "seed001-3-of-partition-2"])
+@pytest.mark.parametrize(
+    "replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3", "seed001-3-of-partition-2"]
+)
 def test_partition(api, namespace, pods, statefulsets, replicas, partition):
-    sts = create_web(api, namespace, replicas,
-                     updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}})
+    sts = create_web(
+        api, namespace, replicas, updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}
+    )
     pods.wait_for(running_and_ready(sts, range(replicas)), f"{replicas} pods")
     old = settled_status(statefulsets, sts, "status", rolled_out(replicas))["currentRevision"]
 
     pods.mark(f"update image, partition {partition}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, "a new update revision",
-                         lambda s: s.get("updateRevision") != old)["updateRevision"]
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
+        "updateRevision"
+    ]
     expected = {i: (new if i >= partition else old) for i in range(replicas)}
 
     def split(objs):
         return running_and_ready(sts, range(replicas))(objs) and revisions(objs, sts) == expected
+
     pods.wait_for(split, f"ordinals >= {partition} at the new revision, the rest old")
     assert pods.stays(split), "pods below the partition were updated"
     assert all(images(pods.snapshot()[0], sts)[i] == OLD for i in range(partition))
@@ -155,8 +192,12 @@ def test_partition(api, namespace, pods, statefulsets, replicas, partition):
     pods.mark("lower the partition to 0")
     set_partition(api, namespace, sts, 0)
     pods.wait_for(all_at(sts, range(replicas), new), "every pod at the new revision")
-    settled_status(statefulsets, sts, "the rollout to finish",
-                   lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new)
+    settled_status(
+        statefulsets,
+        sts,
+        "the rollout to finish",
+        lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new,
+    )
 
 
 @pytest.mark.behaviour("ondelete")
@@ -168,29 +209,41 @@ def test_ondelete(api, namespace, pods, statefulsets):
 
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, "a new update revision",
-                         lambda s: s.get("updateRevision") not in old)["updateRevision"]
-    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before), \
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") not in old)[
+        "updateRevision"
+    ]
+    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before), (
         "OnDelete replaced a pod by itself"
+    )
     # Under OnDelete status.currentRevision may never advance: assert on the pods' labels.
     assert set(revisions(pods.snapshot()[0], sts).values()) == old
 
     victim = pod_name(sts, 1)
     objs = recreate_pod(api, pods, victim, until=running_and_ready(sts, range(3)), what=f"{victim} recreated")
     (old_revision,) = old
-    assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, \
+    assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, (
         f"only the deleted pod should carry the new revision: {revisions(objs, sts)}"
+    )
     assert images(objs, sts)[1] == NEW
 
 
 @pytest.mark.behaviour("max_unavailable")
 def test_max_unavailable(api, namespace, pods, statefulsets):
-    sts = create(api, namespace, "headless-network", replicas=5, on_delete=True, podManagementPolicy="Parallel",
-                 updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}})["metadata"]["name"]
+    sts = create(
+        api,
+        namespace,
+        "headless-network",
+        replicas=5,
+        on_delete=True,
+        podManagementPolicy="Parallel",
+        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
+    )["metadata"]["name"]
     stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
     if stored.max_unavailable is None:
-        pytest.skip("the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
-                    "is off in this cluster")
+        pytest.skip(
+            "the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
+            "is off in this cluster"
+        )
     pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
 
     # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
@@ -199,8 +252,9 @@ def test_max_unavailable(api, namespace, pods, statefulsets):
     set_image(api, namespace, sts, NEW)
 
     pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, "2 pods taken down")
-    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}), \
+    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}), (
         f"expected exactly pods 3 and 4 down, saw {sorted(terminating_ordinals(pods.snapshot()[0], sts))}"
+    )
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
         if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
@@ -212,18 +266,22 @@ def test_min_ready_available(api, namespace, pods, statefulsets):
     min_ready = 3
     sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", minReadySeconds=min_ready)
     pods.wait_for(running_and_ready(sts, range(2)), "2 pods Ready")
-    ready_at = statefulsets.wait_for(lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2,
-                                     "readyReplicas 2")[sts]["status"]
+    ready_at = statefulsets.wait_for(
+        lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2, "readyReplicas 2"
+    )[sts]["status"]
     assert ready_at.get("availableReplicas", 0) < 2, "pods counted available at once despite minReadySeconds"
     _, events = statefulsets.snapshot()
     t_ready = next(e.at for e in events if e.type != "ACTION" and e.state["status"].get("readyReplicas") == 2)
-    statefulsets.wait_for(lambda o: (o[sts].get("status") or {}).get("availableReplicas") == 2,
-                          "availableReplicas 2", timeout=statefulsets.timeout + min_ready)
+    statefulsets.wait_for(
+        lambda o: (o[sts].get("status") or {}).get("availableReplicas") == 2,
+        "availableReplicas 2",
+        timeout=statefulsets.timeout + min_ready,
+    )
     _, events = statefulsets.snapshot()
-    t_available = next(e.at for e in events if e.type != "ACTION"
-                       and e.state["status"].get("availableReplicas") == 2)
+    t_available = next(e.at for e in events if e.type != "ACTION" and e.state["status"].get("availableReplicas") == 2)
     # The controller counts from the Ready condition's lastTransitionTime, which the API stores to the
     # second: a pod Ready at hh:mm:ss.9 is available up to 1 s early by our clock, never more.
-    assert t_available - t_ready >= min_ready - 1.1, \
+    assert t_available - t_ready >= min_ready - 1.1, (
         f"available {t_available - t_ready:.2f}s after Ready, minReadySeconds is {min_ready}"
+    )
     assert all(is_ready(p) for p in owned_pods(pods.snapshot()[0], sts).values())

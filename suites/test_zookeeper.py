@@ -1,5 +1,6 @@
 """The ZooKeeper ensemble of seed 000 (the Kubernetes tutorial image): a real clustered app whose
 members find each other by their stable DNS names. Needs real containers (kind)."""
+
 import re
 
 import pytest
@@ -11,8 +12,10 @@ from fixtures.sts import create, evict, pod_name, running_and_ready
 
 STS, HEADLESS = "zk", "zk-hs"
 
-pytestmark = [pytest.mark.needs("containers", "dynamic_storage", "nodes"),
-              pytest.mark.wait_timeout(600)]  # image pull and leader election on a fresh kind cluster
+pytestmark = [
+    pytest.mark.needs("containers", "dynamic_storage", "nodes"),
+    pytest.mark.wait_timeout(600),
+]  # image pull and leader election on a fresh kind cluster
 
 
 @pytest.fixture
