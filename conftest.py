@@ -1,2 +1,3 @@
 """Loads the suite's pytest plugin (options, cluster, namespaces, recorders, report)."""
-pytest_plugins = ["fixtures.plugin", "fixtures.report"]
+
+pytest_plugins = ["fixtures.plugin"]

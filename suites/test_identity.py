@@ -1,10 +1,11 @@
 """Stable identity: ordinal names, hostname/subdomain, labels, owner, same name after deletion."""
+
 import pytest
 from kubernetes import client
 
 from fixtures import manifests
 from fixtures.execs import run_in
-from fixtures.sts import owned_pods, pod_name, replaced, running_and_ready, set_phase
+from fixtures.sts import create, owned_pods, pod_name, recreate_pod, replaced, running_and_ready, set_phase
 
 STS = "sts-xiuxian"
 SVC = "svc-headless"
@@ -26,41 +27,50 @@ def assert_identity(pod: dict, sts_uid: str, ordinal: int, pod_index_label: bool
     if pod_index_label:
         assert labels.get("apps.kubernetes.io/pod-index") == str(ordinal), f"{name}: pod-index label missing"
     owners = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]
-    assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("StatefulSet", STS, sts_uid)], \
+    assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("StatefulSet", STS, sts_uid)], (
         f"{name}: not controlled by the StatefulSet"
+    )
 
 
 @pytest.mark.behaviour("ordinal_identity")
 @pytest.mark.parametrize("start", [None, 5], ids=["ordinals-from-0", "ordinals-start-5"])
-def test_ordinal_identity(api, namespace, pods, settings, start):
-    docs = manifests.load("headless-network", namespace, replicas=3)
-    sts_doc = manifests.one(docs, "StatefulSet")
-    if start is not None:
-        sts_doc["spec"]["ordinals"] = {"start": start}
-    manifests.apply(api, docs)
+def test_ordinal_identity(api, namespace, pods, start):
+    ordinals = {} if start is None else {"ordinals": {"start": start}}
+    create(api, namespace, "headless-network", replicas=3, **ordinals)
     first = start or 0
-    objects = pods.wait_for(lambda objs: running_and_ready(STS, range(first, first + 3))(objs) and objs,
-                            settings.wait_timeout, f"pods {first}..{first + 2} Running and Ready")
+    objects = pods.wait_for(
+        running_and_ready(STS, range(first, first + 3)), f"pods {first}..{first + 2} Running and Ready"
+    )
 
     sts_uid = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace).metadata.uid
-    pod_index_label = server_minor(api) >= 32  # the pod-index label is GA from 1.32 (BEHAVIOURS.md)
+    pod_index_label = server_minor(api) >= 32  # the pod-index label is GA from 1.32 (docs/BEHAVIOURS.md)
     for ordinal, pod in owned_pods(objects, STS).items():
         assert_identity(pod, sts_uid, ordinal, pod_index_label)
 
 
 @pytest.mark.behaviour("deployment_contrast")
-def test_deployment_contrast(api, namespace, pods, settings):
+def test_deployment_contrast(api, namespace, pods):
     # Seed 002: a Deployment's replacement pod gets a new random name; a StatefulSet's keeps its name.
-    manifests.apply(api, manifests.load("deployment-contrast", namespace) +
-                    manifests.load("headless-network", namespace, replicas=2))
+    manifests.apply(
+        api,
+        manifests.load("deployment-contrast", namespace) + manifests.load("headless-network", namespace, replicas=2),
+    )
     core = client.CoreV1Api(api)
 
     def deployment_pods(objs):
-        return {n for n, p in objs.items() if (p["metadata"].get("labels") or {}).get("app") == "stateless"
-                and not p["metadata"].get("deletionTimestamp")}
+        return {
+            n
+            for n, p in objs.items()
+            if (p["metadata"].get("labels") or {}).get("app") == "stateless"
+            and not p["metadata"].get("deletionTimestamp")
+        }
 
-    before = pods.wait_for(lambda objs: len(deployment_pods(objs)) == 2 and running_and_ready(STS, range(2))(objs)
-                           and deployment_pods(objs), settings.wait_timeout, "2 Deployment and 2 StatefulSet pods")
+    before = deployment_pods(
+        pods.wait_for(
+            lambda objs: len(deployment_pods(objs)) == 2 and running_and_ready(STS, range(2))(objs),
+            "2 Deployment and 2 StatefulSet pods",
+        )
+    )
     victim = sorted(before)[0]
     assert victim.startswith("deploy-xiuxian-") and len(victim) > len("deploy-xiuxian-"), victim
 
@@ -68,58 +78,55 @@ def test_deployment_contrast(api, namespace, pods, settings):
     old_uid = pods.snapshot()[0][pod_name(STS, 0)]["metadata"]["uid"]
     core.delete_namespaced_pod(victim, namespace)
     core.delete_namespaced_pod(pod_name(STS, 0), namespace)
-    after = pods.wait_for(lambda objs: len(deployment_pods(objs)) == 2 and victim not in objs
-                          and deployment_pods(objs), settings.wait_timeout, "a replacement Deployment pod")
+    after = deployment_pods(
+        pods.wait_for(
+            lambda objs: len(deployment_pods(objs)) == 2 and victim not in objs, "a replacement Deployment pod"
+        )
+    )
     replacement = after - before
     assert len(replacement) == 1 and victim not in after, "the Deployment's replacement should have a new name"
-    objs = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 0), old_uid) and objs, settings.wait_timeout,
-                         "the StatefulSet pod to come back")
+    objs = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 0), old_uid), "the StatefulSet pod to come back")
     assert objs[pod_name(STS, 0)]["spec"].get("hostname") == pod_name(STS, 0)
 
 
 @pytest.mark.behaviour("deleted_pod_same_identity")
-def test_deleted_pod_same_identity(api, namespace, pods, pvcs, settings):
+def test_deleted_pod_same_identity(api, namespace, pods, pvcs):
     # Parallel, so progress does not depend on claims being bound (no provisioner is needed here).
-    docs = manifests.load("headless-volumeclaimtemplates", namespace, replicas=3)
-    manifests.one(docs, "StatefulSet")["spec"]["podManagementPolicy"] = "Parallel"
-    manifests.apply(api, docs)
+    create(api, namespace, "headless-volumeclaimtemplates", replicas=3, podManagementPolicy="Parallel")
     claim = f"data-{STS}-1"
-    before = pods.wait_for(lambda objs: len(owned_pods(objs, STS)) == 3 and objs, settings.wait_timeout, "3 pods")
-    claims = pvcs.wait_for(lambda objs: claim in objs and objs, settings.wait_timeout, f"claim {claim}")
-    victim = before[pod_name(STS, 1)]
+    pods.wait_for(lambda objs: len(owned_pods(objs, STS)) == 3, "3 pods")
+    claims = pvcs.wait_for(lambda objs: claim in objs, f"claim {claim}")
 
-    pods.mark(f"delete {pod_name(STS, 1)}")
-    client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 1), namespace)
-    after = pods.wait_for(lambda objs: replaced(objs, pod_name(STS, 1), victim["metadata"]["uid"]) and objs,
-                          settings.wait_timeout, f"{pod_name(STS, 1)} to come back")[pod_name(STS, 1)]
+    after = recreate_pod(api, pods, pod_name(STS, 1))[pod_name(STS, 1)]
 
     assert after["spec"].get("hostname") == pod_name(STS, 1)
     assert after["spec"].get("subdomain") == SVC
     volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in after["spec"]["volumes"]}
     assert volumes.get("data") == claim, f"the recreated pod mounts {volumes.get('data')!r}, not {claim}"
-    assert pvcs.snapshot()[0][claim]["metadata"]["uid"] == claims[claim]["metadata"]["uid"], \
+    assert pvcs.snapshot()[0][claim]["metadata"]["uid"] == claims[claim]["metadata"]["uid"], (
         f"claim {claim} was replaced"
+    )
 
 
 @pytest.mark.behaviour("failed_pod_recreated")
-def test_failed_pod_recreated(api, namespace, pods, settings):
-    manifests.apply(api, manifests.load("headless-network", namespace, replicas=2))
-    before = pods.wait_for(lambda objs: running_and_ready(STS, range(2))(objs) and objs, settings.wait_timeout,
-                           "2 pods Running and Ready")
+def test_failed_pod_recreated(api, namespace, pods):
+    create(api, namespace, "headless-network", replicas=2)
+    before = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
     old_uid = before[pod_name(STS, 1)]["metadata"]["uid"]
 
     pods.mark(f"set {pod_name(STS, 1)} phase Failed")
     set_phase(api, namespace, pod_name(STS, 1), "Failed")
-    objs = pods.wait_for(lambda objs: running_and_ready(STS, range(2))(objs)
-                         and replaced(objs, pod_name(STS, 1), old_uid) and objs,
-                         settings.wait_timeout, f"{pod_name(STS, 1)} replaced and Ready")
+    objs = pods.wait_for(
+        lambda objs: running_and_ready(STS, range(2))(objs) and replaced(objs, pod_name(STS, 1), old_uid),
+        f"{pod_name(STS, 1)} replaced and Ready",
+    )
     assert objs[pod_name(STS, 1)]["spec"].get("hostname") == pod_name(STS, 1)
 
 
 @pytest.mark.behaviour("hostname_in_pod")
 @pytest.mark.needs("containers")
-def test_hostname_in_pod(api, namespace, pods, settings):
-    manifests.apply(api, manifests.load("headless-network", namespace, replicas=3))
-    pods.wait_for(running_and_ready(STS, range(3)), max(settings.wait_timeout, 300), "3 pods Running and Ready")
+def test_hostname_in_pod(api, namespace, pods):
+    create(api, namespace, "headless-network", replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
     for i in range(3):
         assert run_in(api, namespace, pod_name(STS, i), ["hostname"]).strip() == pod_name(STS, i)

@@ -2,146 +2,163 @@
 
 Every order is read from a pod watch opened before the test acted (the `pods` recorder).
 """
+
 import pytest
 from kubernetes import client
 
-from fixtures import manifests
-from fixtures.sts import (added, terminating_ordinals, began_terminating, became_ready, deleted, hold_pods, is_ready, owned_pods,
-                          pod_name, release_finalizer, release_gate, running_and_ready, scale, set_ready)
+from fixtures.sts import (
+    added,
+    became_ready,
+    began_terminating,
+    create,
+    deleted,
+    is_ready,
+    owned_pods,
+    pod_name,
+    release_finalizer,
+    release_gate,
+    running_and_ready,
+    scale,
+    set_ready,
+    terminating_ordinals,
+)
 
 STS = "sts-xiuxian"
-
-
-def create_web(api, namespace, replicas, policy="OrderedReady", **holds):
-    docs = manifests.load("headless-network", namespace, replicas=replicas)
-    sts = manifests.one(docs, "StatefulSet")
-    sts["spec"]["podManagementPolicy"] = policy
-    hold_pods(sts, **holds)
-    manifests.apply(api, docs)
+WEB = "headless-network"  # the manifest: podManagementPolicy left to its default, OrderedReady
 
 
 @pytest.mark.behaviour("ordered_scale_up")
-def test_ordered_scale_up(api, namespace, pods, settings):
+def test_ordered_scale_up(api, namespace, pods):
     # Pods are held unscheduled (so not Ready) until the test releases them one by one: a controller
     # that does not wait for Ready is caught whatever the speed of the nodes.
-    create_web(api, namespace, replicas=3, unscheduled=True)
+    create(api, namespace, WEB, replicas=3, unscheduled=True)
     for i in range(3):
-        pods.wait_for(lambda objs: pod_name(STS, i) in objs, settings.wait_timeout, f"{pod_name(STS, i)} created")
+        pods.wait_for(lambda objs, i=i: pod_name(STS, i) in objs, f"{pod_name(STS, i)} created")
         if i < 2:
-            assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == set(range(i + 1)), settings.quiet_window), \
+            assert pods.stays(lambda objs, i=i: set(owned_pods(objs, STS)) == set(range(i + 1))), (
                 f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was not Ready"
+            )
         pods.mark(f"release {pod_name(STS, i)}")
         release_gate(api, namespace, pod_name(STS, i))
-    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods Running and Ready")
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     _, events = pods.snapshot()
-    assert [e.name for e in events if e.type == "ADDED"] == [pod_name(STS, i) for i in range(3)], \
+    assert [e.name for e in events if e.type == "ADDED"] == [pod_name(STS, i) for i in range(3)], (
         "pods were not created in ordinal order"
+    )
     for i in range(1, 3):
         previous_ready, created = became_ready(events, pod_name(STS, i - 1)), added(events, pod_name(STS, i))
-        assert previous_ready.seq < created.seq, \
+        assert previous_ready.seq < created.seq, (
             f"{pod_name(STS, i)} was created before {pod_name(STS, i - 1)} was Running and Ready"
+        )
 
 
 @pytest.mark.behaviour("ordered_scale_down")
-def test_ordered_scale_down(api, namespace, pods, settings):
+def test_ordered_scale_down(api, namespace, pods):
     # Deleted pods stay Terminating until the test releases them: a controller that does not wait for
     # each pod to be gone before the next is caught whatever the speed of the nodes.
-    create_web(api, namespace, replicas=4, on_delete=True)
-    pods.wait_for(running_and_ready(STS, range(4)), settings.wait_timeout, "4 pods Running and Ready")
+    create(api, namespace, WEB, replicas=4, on_delete=True)
+    pods.wait_for(running_and_ready(STS, range(4)), "4 pods Running and Ready")
 
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
     for i in (3, 2, 1):
-        pods.wait_for(lambda objs: i in terminating_ordinals(objs, STS), settings.wait_timeout, f"{pod_name(STS, i)} terminating")
-        assert pods.stays(lambda objs: terminating_ordinals(objs, STS) == {i}, settings.quiet_window), \
-            f"pods {sorted(terminating_ordinals(pods.snapshot()[0], STS))} terminating at once; only {pod_name(STS, i)} should be"
+        pods.wait_for(lambda objs, i=i: i in terminating_ordinals(objs, STS), f"{pod_name(STS, i)} terminating")
+        assert pods.stays(lambda objs, i=i: terminating_ordinals(objs, STS) == {i}), (
+            f"pods {sorted(terminating_ordinals(pods.snapshot()[0], STS))} terminating at once; "
+            f"only {pod_name(STS, i)} should be"
+        )
         pods.mark(f"release {pod_name(STS, i)}")
         release_finalizer(api, namespace, pod_name(STS, i))
-    pods.wait_for(running_and_ready(STS, range(1)), settings.wait_timeout, "only pod 0 left")
+    pods.wait_for(running_and_ready(STS, range(1)), "only pod 0 left")
 
     _, events = pods.snapshot()
-    assert [e.name for e in events if e.type == "DELETED"] == [pod_name(STS, i) for i in (3, 2, 1)], \
+    assert [e.name for e in events if e.type == "DELETED"] == [pod_name(STS, i) for i in (3, 2, 1)], (
         "pods were not removed from the highest ordinal down"
+    )
     for i in (3, 2):
         gone, next_starts = deleted(events, pod_name(STS, i)), began_terminating(events, pod_name(STS, i - 1))
-        assert gone.seq < next_starts.seq, \
+        assert gone.seq < next_starts.seq, (
             f"{pod_name(STS, i - 1)} began terminating before {pod_name(STS, i)} was gone"
+        )
 
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
-def test_scale_halts_unhealthy(api, namespace, pods, settings):
-    create_web(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods Running and Ready")
+def test_scale_halts_unhealthy(api, namespace, pods):
+    create(api, namespace, WEB, replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("make pod 1 unready, scale to 5")
     set_ready(api, namespace, pod_name(STS, 1), False)
-    pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 1)]), settings.wait_timeout, "pod 1 unready")
+    pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 1)]), "pod 1 unready")
     scale(api, namespace, STS, 5)
-    assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, settings.quiet_window), \
-        "scale-up went on while pod 1 was unready"
+    assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}), "scale-up went on while pod 1 was unready"
 
     pods.mark("make pod 1 ready again")
     set_ready(api, namespace, pod_name(STS, 1), True)
-    pods.wait_for(running_and_ready(STS, range(5)), settings.wait_timeout, "scale-up to resume up to 5 pods")
+    pods.wait_for(running_and_ready(STS, range(5)), "scale-up to resume up to 5 pods")
 
     # Pod 0 stays in range (scale to 2), so while it is unready no pod may be removed.
     pods.mark("make pod 0 unready, scale to 2")
     set_ready(api, namespace, pod_name(STS, 0), False)
-    pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 0)]), settings.wait_timeout, "pod 0 unready")
+    pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 0)]), "pod 0 unready")
     scale(api, namespace, STS, 2)
-    assert pods.stays(lambda objs: len(owned_pods(objs, STS)) == 5 and not any(
-        pod["metadata"].get("deletionTimestamp") for pod in owned_pods(objs, STS).values()), settings.quiet_window), \
-        "scale-down went on while pod 0 was unready"
+    assert pods.stays(
+        lambda objs: (
+            len(owned_pods(objs, STS)) == 5
+            and not any(pod["metadata"].get("deletionTimestamp") for pod in owned_pods(objs, STS).values())
+        )
+    ), "scale-down went on while pod 0 was unready"
 
     pods.mark("make pod 0 ready again")
     set_ready(api, namespace, pod_name(STS, 0), True)
-    pods.wait_for(running_and_ready(STS, range(2)), settings.wait_timeout, "scale-down to resume down to 2 pods")
+    pods.wait_for(running_and_ready(STS, range(2)), "scale-down to resume down to 2 pods")
 
 
 @pytest.mark.behaviour("parallel_policy")
-def test_parallel_policy(api, namespace, pods, settings):
+def test_parallel_policy(api, namespace, pods):
     # Pods are held unscheduled (so never Ready) and, when deleted, Terminating: an OrderedReady
     # controller would stop at pod 0 in both directions; a Parallel one must not wait.
-    create_web(api, namespace, replicas=3, policy="Parallel", unscheduled=True, on_delete=True)
-    pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, settings.wait_timeout,
-                  "all 3 pods created while none is Ready")
+    create(api, namespace, WEB, replicas=3, podManagementPolicy="Parallel", unscheduled=True, on_delete=True)
+    pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "all 3 pods created while none is Ready")
     _, events = pods.snapshot()
     assert not any(e.state.get("ready") for e in events if e.type != "ACTION"), "a pod became Ready: hold failed"
 
     pods.mark("release the pods")
     for i in range(3):
         release_gate(api, namespace, pod_name(STS, i))
-    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods Running and Ready")
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("scale to 0")
     scale(api, namespace, STS, 0)
-    pods.wait_for(lambda objs: all(pod["metadata"].get("deletionTimestamp") for pod in objs.values()),
-                  settings.wait_timeout, "all 3 pods Terminating while none is gone")
+    pods.wait_for(
+        lambda objs: all(pod["metadata"].get("deletionTimestamp") for pod in objs.values()),
+        "all 3 pods Terminating while none is gone",
+    )
     _, events = pods.snapshot()
     assert not any(e.type == "DELETED" for e in events), "a held pod was removed: hold failed"
 
     pods.mark("release the pods")
     for i in range(3):
         release_finalizer(api, namespace, pod_name(STS, i))
-    pods.wait_for(lambda objs: not objs, settings.wait_timeout, "all pods gone")
+    pods.wait_for(lambda objs: not objs, "all pods gone")
 
 
 @pytest.mark.behaviour("delete_not_ordered")
-def test_delete_not_ordered(api, namespace, pods, pvcs, settings):
+def test_delete_not_ordered(api, namespace, pods, pvcs):
     # Deleting the StatefulSet object promises no order (seed 001 shows all pods Terminating at once):
     # assert only that the pods go and that their claims stay.
-    docs = manifests.load("headless-volumeclaimtemplates", namespace, replicas=3)
-    manifests.one(docs, "StatefulSet")["spec"]["podManagementPolicy"] = "Parallel"
-    manifests.apply(api, docs)
-    pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, settings.wait_timeout, "3 pods")
+    create(api, namespace, "headless-volumeclaimtemplates", replicas=3, podManagementPolicy="Parallel")
+    pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "3 pods")
     claims = {f"data-{STS}-{i}" for i in range(3)}
-    pvcs.wait_for(lambda objs: claims <= set(objs), settings.wait_timeout, "3 claims")
+    pvcs.wait_for(lambda objs: claims <= set(objs), "3 claims")
     uids = {name: obj["metadata"]["uid"] for name, obj in pvcs.snapshot()[0].items()}
 
     pods.mark("delete the StatefulSet")
     client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace, propagation_policy="Background")
-    pods.wait_for(lambda objs: not owned_pods(objs, STS), settings.wait_timeout, "the pods to be deleted")
-    assert pvcs.stays(lambda objs: {n: o["metadata"]["uid"] for n, o in objs.items()
-                                    if not o["metadata"].get("deletionTimestamp")} == uids, settings.quiet_window), \
-        "claims were deleted or replaced with the StatefulSet"
+    pods.wait_for(lambda objs: not owned_pods(objs, STS), "the pods to be deleted")
+    assert pvcs.stays(
+        lambda objs: (
+            {n: o["metadata"]["uid"] for n, o in objs.items() if not o["metadata"].get("deletionTimestamp")} == uids
+        )
+    ), "claims were deleted or replaced with the StatefulSet"

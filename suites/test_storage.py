@@ -1,14 +1,16 @@
 """Stable storage: one claim per pod from volumeClaimTemplates, retained by default, re-used, and the
 retention policy; static NFS PVs bound by size (seed 001)."""
+
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import is_ready, owned_pods, pod_name, replaced, running_and_ready, scale
+from fixtures.sts import create, is_ready, owned_pods, pod_name, recreate_pod, running_and_ready, scale
 
 STS = "sts-xiuxian"
+WEB = "headless-volumeclaimtemplates"
 
 
 def claim(ordinal: int, sts: str = STS, template: str = "data") -> str:
@@ -17,9 +19,10 @@ def claim(ordinal: int, sts: str = STS, template: str = "data") -> str:
 
 def bound(names: set[str]):
     """A pvc recorder condition: exactly these claims exist, all Bound."""
+
     def check(objs):
-        return set(objs) == names and all((o.get("status") or {}).get("phase") == "Bound" for o in objs.values()) \
-            and objs
+        return set(objs) == names and all((o.get("status") or {}).get("phase") == "Bound" for o in objs.values())
+
     return check
 
 
@@ -34,20 +37,12 @@ def claim_of(pod: dict, volume: str = "data") -> str | None:
     return None
 
 
-def create_web(api, namespace, replicas, retention=None):
-    docs = manifests.load("headless-volumeclaimtemplates", namespace, replicas=replicas)
-    if retention:
-        manifests.one(docs, "StatefulSet")["spec"]["persistentVolumeClaimRetentionPolicy"] = retention
-    manifests.apply(api, docs)
-    return docs
-
-
 @pytest.mark.behaviour("pvc_per_ordinal")
 @pytest.mark.needs("dynamic_storage")
-def test_pvc_per_ordinal(api, namespace, pods, pvcs, settings):
-    create_web(api, namespace, replicas=3)
-    objs = pods.wait_for(lambda o: running_and_ready(STS, range(3))(o) and o, settings.wait_timeout, "3 pods")
-    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound")
+def test_pvc_per_ordinal(api, namespace, pods, pvcs):
+    create(api, namespace, WEB, replicas=3)
+    objs = pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
+    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), "3 claims Bound")
 
     volumes = {}
     for i in range(3):
@@ -63,10 +58,10 @@ def test_pvc_per_ordinal(api, namespace, pods, pvcs, settings):
 
 @pytest.mark.behaviour("pvc_per_ordinal")
 @pytest.mark.needs("dynamic_storage", "nfs")
-def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs, settings):
+def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs):
     """Seed 003's claims are served by the NFS provisioner: each bound volume is an NFS volume."""
-    create_web(api, namespace, replicas=3)
-    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound")
+    create(api, namespace, WEB, replicas=3)
+    claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), "3 claims Bound")
     for i in range(3):
         volume = client.CoreV1Api(api).read_persistent_volume(claims[claim(i)]["spec"]["volumeName"])
         assert volume.spec.nfs is not None, f"{claim(i)} is bound to {volume.metadata.name}, which is not NFS"
@@ -74,11 +69,11 @@ def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs, settings):
 
 @pytest.mark.behaviour("pvc_retain_default")
 @pytest.mark.needs("dynamic_storage")
-def test_pvc_retain_default(api, namespace, pods, pvcs, settings):
-    docs = create_web(api, namespace, replicas=3)
+def test_pvc_retain_default(api, namespace, pods, pvcs):
+    sts = create(api, namespace, WEB, replicas=3)
     all_claims = {claim(i) for i in range(3)}
-    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods")
-    original = uids(pvcs.wait_for(bound(all_claims), settings.wait_timeout, "3 claims Bound"))
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
+    original = uids(pvcs.wait_for(bound(all_claims), "3 claims Bound"))
 
     def unchanged(objs):
         assert uids(objs) == original, f"claims were deleted or replaced: {uids(objs)} != {original}"
@@ -86,23 +81,18 @@ def test_pvc_retain_default(api, namespace, pods, pvcs, settings):
         assert not owned, f"claims {owned} have owner references under the default Retain policy"
 
     def remounted(ordinals):
-        objs = pods.wait_for(lambda o: running_and_ready(STS, ordinals)(o) and o, settings.wait_timeout,
-                             f"pods {list(ordinals)} Running and Ready")
+        objs = pods.wait_for(running_and_ready(STS, ordinals), f"pods {list(ordinals)} Running and Ready")
         for i in ordinals:
             assert claim_of(objs[pod_name(STS, i)]) == claim(i), f"{pod_name(STS, i)} lost its claim"
 
-    pods.mark(f"delete pod {pod_name(STS, 1)}")
-    old = pods.snapshot()[0][pod_name(STS, 1)]["metadata"]["uid"]
-    client.CoreV1Api(api).delete_namespaced_pod(pod_name(STS, 1), namespace)
-    pods.wait_for(lambda o: replaced(o, pod_name(STS, 1), old),
-                  settings.wait_timeout, "pod 1 recreated")
+    recreate_pod(api, pods, pod_name(STS, 1))
     remounted(range(3))
     unchanged(pvcs.snapshot()[0])
 
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
     remounted(range(1))
-    assert pvcs.stays(lambda objs: uids(objs) == original, settings.quiet_window), "claims went with scale-down"
+    assert pvcs.stays(lambda objs: uids(objs) == original), "claims went with scale-down"
     unchanged(pvcs.snapshot()[0])
 
     pods.mark("scale to 3")
@@ -112,44 +102,51 @@ def test_pvc_retain_default(api, namespace, pods, pvcs, settings):
 
     pods.mark("delete the StatefulSet")
     client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
-    pods.wait_for(lambda o: not owned_pods(o, STS), settings.wait_timeout, "pods gone with the StatefulSet")
+    pods.wait_for(lambda o: not owned_pods(o, STS), "pods gone with the StatefulSet")
     unchanged(pvcs.snapshot()[0])
 
     pods.mark("re-create the StatefulSet")
-    manifests.apply(api, [manifests.one(docs, "StatefulSet")])
+    manifests.apply(api, [sts])
     remounted(range(3))
-    pvcs.wait_for(bound(all_claims), settings.wait_timeout, "claims Bound again")
+    pvcs.wait_for(bound(all_claims), "claims Bound again")
     unchanged(pvcs.snapshot()[0])
 
 
 @pytest.mark.behaviour("pvc_retention_policy")
 @pytest.mark.needs("dynamic_storage")
 @pytest.mark.parametrize("when_scaled, when_deleted", [("Delete", "Retain"), ("Retain", "Delete")])
-def test_pvc_retention_policy(api, namespace, pods, pvcs, settings, when_scaled, when_deleted):
-    create_web(api, namespace, replicas=3, retention={"whenScaled": when_scaled, "whenDeleted": when_deleted})
-    pods.wait_for(running_and_ready(STS, range(3)), settings.wait_timeout, "3 pods")
-    original = uids(pvcs.wait_for(bound({claim(i) for i in range(3)}), settings.wait_timeout, "3 claims Bound"))
+def test_pvc_retention_policy(api, namespace, pods, pvcs, when_scaled, when_deleted):
+    create(
+        api,
+        namespace,
+        WEB,
+        replicas=3,
+        persistentVolumeClaimRetentionPolicy={"whenScaled": when_scaled, "whenDeleted": when_deleted},
+    )
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
+    original = uids(pvcs.wait_for(bound({claim(i) for i in range(3)}), "3 claims Bound"))
 
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
-    pods.wait_for(running_and_ready(STS, range(1)), settings.wait_timeout, "only pod 0 left")
+    pods.wait_for(running_and_ready(STS, range(1)), "only pod 0 left")
     if when_scaled == "Delete":
-        pvcs.wait_for(lambda objs: set(objs) == {claim(0)}, settings.wait_timeout,
-                      "claims of ordinals >= 1 deleted (whenScaled=Delete)")
+        pvcs.wait_for(lambda objs: set(objs) == {claim(0)}, "claims of ordinals >= 1 deleted (whenScaled=Delete)")
     else:
-        assert pvcs.stays(lambda objs: uids(objs) == original, settings.quiet_window), \
+        assert pvcs.stays(lambda objs: uids(objs) == original), (
             "claims were deleted on scale-down under whenScaled=Retain"
+        )
     assert uids(pvcs.snapshot()[0])[claim(0)] == original[claim(0)], "the claim of a kept ordinal was replaced"
 
     pods.mark("delete the StatefulSet")
     client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
-    pods.wait_for(lambda o: not owned_pods(o, STS), settings.wait_timeout, "pods gone with the StatefulSet")
+    pods.wait_for(lambda o: not owned_pods(o, STS), "pods gone with the StatefulSet")
     if when_deleted == "Delete":
-        pvcs.wait_for(lambda objs: not objs, settings.wait_timeout, "every claim deleted (whenDeleted=Delete)")
+        pvcs.wait_for(lambda objs: not objs, "every claim deleted (whenDeleted=Delete)")
     else:
         kept = dict(pvcs.snapshot()[0])
-        assert pvcs.stays(lambda objs: uids(objs) == uids(kept), settings.quiet_window), \
+        assert pvcs.stays(lambda objs: uids(objs) == uids(kept)), (
             "claims were deleted with the StatefulSet under whenDeleted=Retain"
+        )
 
 
 @pytest.fixture
@@ -172,7 +169,7 @@ def static_pvs(api, namespace):
 
 @pytest.mark.behaviour("static_pv_binding")
 @pytest.mark.needs("nfs")
-def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
+def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs):
     docs = manifests.load("zookeeper-static", namespace, replicas=2)
     template = manifests.one(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
     template["spec"]["selector"] = {"matchLabels": {"sts-conformance.k8s.io/namespace": namespace}}
@@ -180,13 +177,16 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
     core = client.CoreV1Api(api)
 
     def volumes():
-        return {pv.metadata.name: pv for pv in core.list_persistent_volume(
-            label_selector=f"sts-conformance.k8s.io/namespace={namespace}").items}
+        return {
+            pv.metadata.name: pv
+            for pv in core.list_persistent_volume(label_selector=f"sts-conformance.k8s.io/namespace={namespace}").items
+        }
 
     def check_bindings(replicas):
-        claims = pvcs.wait_for(bound({claim(i, "zk", "datadir") for i in range(replicas)}), settings.wait_timeout,
-                               f"{replicas} claims Bound to static PVs")
-        pods.wait_for(running_and_ready("zk", range(replicas)), settings.wait_timeout, f"{replicas} zk pods")
+        claims = pvcs.wait_for(
+            bound({claim(i, "zk", "datadir") for i in range(replicas)}), f"{replicas} claims Bound to static PVs"
+        )
+        pods.wait_for(running_and_ready("zk", range(replicas)), f"{replicas} zk pods")
         pvs = volumes()
         used = [claims[claim(i, "zk", "datadir")]["spec"]["volumeName"] for i in range(replicas)]
         assert len(set(used)) == replicas, f"claims share a PV: {used}"
@@ -194,8 +194,9 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
             assert pvs[name].spec.capacity["storage"] == "2Gi", f"{name} is too small for a 2Gi claim"
             assert pvs[name].status.phase == "Bound"
         spare = sorted(set(pvs) - set(used))
-        assert all(pvs[name].status.phase == "Available" for name in spare), \
+        assert all(pvs[name].status.phase == "Available" for name in spare), (
             f"unused PVs not Available: {[(n, pvs[n].status.phase) for n in spare]}"
+        )
         return spare
 
     spare = check_bindings(2)
@@ -207,41 +208,38 @@ def test_static_pv_binding(api, namespace, static_pvs, pods, pvcs, settings):
     assert spare == [f"{namespace}-pv001"], f"after scale-up the spare PVs are {spare}, expected only the 1Gi one"
 
 
-def _recreate(api, namespace, pods, name, timeout):
-    old = pods.snapshot()[0][name]["metadata"]["uid"]
-    pods.mark(f"delete {name}")
-    client.CoreV1Api(api).delete_namespaced_pod(name, namespace)
-    pods.wait_for(lambda o: replaced(o, name, old) and is_ready(o[name]), timeout,
-                  f"{name} recreated and Ready")
-
-
 @pytest.mark.behaviour("data_survives_pod_deletion")
 @pytest.mark.needs("containers", "dynamic_storage")
-def test_data_survives_pod_deletion_nginx(api, namespace, pods, settings):
+def test_data_survives_pod_deletion_nginx(api, namespace, pods):
     # Seed 000: AAA, BBB, CCC written into each pod's own volume are served again after deletion.
-    timeout = max(settings.wait_timeout, 300)
-    create_web(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(STS, range(3)), timeout, "3 pods")
+    create(api, namespace, WEB, replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
     pages = {pod_name(STS, i): text for i, text in enumerate(("AAA", "BBB", "CCC"))}
     for pod, text in pages.items():
         sh(api, namespace, pod, f"echo {text} > /usr/share/nginx/html/index.html")
     for pod in pages:
-        _recreate(api, namespace, pods, pod, timeout)
+        recreate_pod(api, pods, pod, until=lambda o, pod=pod: is_ready(o[pod]), what=f"{pod} recreated and Ready")
     for pod, text in pages.items():
-        assert run_in(api, namespace, pod, ["cat", "/usr/share/nginx/html/index.html"]).strip() == text, \
+        assert run_in(api, namespace, pod, ["cat", "/usr/share/nginx/html/index.html"]).strip() == text, (
             f"{pod} lost its page"
+        )
 
 
 @pytest.mark.behaviour("data_survives_pod_deletion")
 @pytest.mark.needs("containers", "dynamic_storage")
-def test_data_survives_pod_deletion_redis(api, namespace, pods, settings):
+def test_data_survives_pod_deletion_redis(api, namespace, pods):
     # Seeds 003/004: a key written to each Redis member (append-only file on its claim) survives.
-    timeout = max(settings.wait_timeout, 300)
-    manifests.apply(api, manifests.load("redis", namespace, replicas=3))
-    pods.wait_for(running_and_ready("redis", range(3)), timeout, "3 redis pods")
+    create(api, namespace, "redis", replicas=3)
+    pods.wait_for(running_and_ready("redis", range(3)), "3 redis pods")
     for i in range(3):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "set", "member", f"redis-{i}"]).strip() == "OK"
     for i in range(3):
-        _recreate(api, namespace, pods, f"redis-{i}", timeout)
+        recreate_pod(
+            api,
+            pods,
+            f"redis-{i}",
+            until=lambda o, i=i: is_ready(o[f"redis-{i}"]),
+            what=f"redis-{i} recreated and Ready",
+        )
     for i in range(3):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "get", "member"]).strip() == f"redis-{i}"

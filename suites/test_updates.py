@@ -1,38 +1,46 @@
 """Updates: rolling updates from the highest ordinal down, revisions and rollback, partition (seeds
 000 and 001), OnDelete, maxUnavailable and minReadySeconds."""
+
 import pytest
 from kubernetes import client
 
-from fixtures import manifests
+from fixtures.images.imagemap import mapped, upstream_of
 from fixtures.recorder import Event
-from fixtures.sts import (HOLD_FINALIZER, began_terminating, hold_pods, is_ready, owned_pods, pod_name,
-                          release_finalizer, replaced, running_and_ready, terminating_ordinals)
+from fixtures.sts import (
+    HOLD_FINALIZER,
+    began_terminating,
+    create,
+    is_ready,
+    owned_pods,
+    pod_name,
+    recreate_pod,
+    release_finalizer,
+    running_and_ready,
+    terminating_ordinals,
+)
 
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
 
 
-def create(api, namespace, name="headless-network", replicas=3, strategy=None, sts_name=None, **spec):
-    docs = manifests.load(name, namespace, replicas=replicas)
-    sts = manifests.one(docs, "StatefulSet")
-    if strategy:
-        sts["spec"]["updateStrategy"] = strategy
-    sts["spec"].update(spec)
-    for container in sts["spec"]["template"]["spec"]["containers"]:
-        container["image"] = OLD
-    manifests.apply(api, docs)
-    return sts["metadata"]["name"]
+def create_web(api, namespace, replicas, **spec) -> str:
+    """A web set at the OLD image, so every test updates it to NEW; returns its name."""
+    return create(api, namespace, "headless-network", replicas, image=OLD, **spec)["metadata"]["name"]
 
 
 def set_image(api, namespace, sts, image) -> None:
     body = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace)
     container = body.spec.template.spec.containers[0].name
-    client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": {"template": {"spec": {
-        "containers": [{"name": container, "image": image}]}}}})
+    client.AppsV1Api(api).patch_namespaced_stateful_set(
+        sts, namespace, {"spec": {"template": {"spec": {"containers": [{"name": container, "image": mapped(image)}]}}}}
+    )
 
 
 def set_partition(api, namespace, sts, partition) -> None:
-    client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": {"updateStrategy": {
-        "type": "RollingUpdate", "rollingUpdate": {"partition": partition}}}})
+    client.AppsV1Api(api).patch_namespaced_stateful_set(
+        sts,
+        namespace,
+        {"spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}}},
+    )
 
 
 def revisions(objs, sts) -> dict[int, str]:
@@ -40,41 +48,49 @@ def revisions(objs, sts) -> dict[int, str]:
 
 
 def images(objs, sts) -> dict[int, str]:
-    return {i: pod["spec"]["containers"][0]["image"] for i, pod in owned_pods(objs, sts).items()}
+    """Each pod's image by the upstream reference it stands for (runs may map OLD and NEW to others)."""
+    return {i: upstream_of(pod["spec"]["containers"][0]["image"]) for i, pod in owned_pods(objs, sts).items()}
 
 
-def settled_status(statefulsets, sts, timeout, what, check=lambda status: True) -> dict:
+def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
     """The status once the controller has observed the latest spec (observedGeneration) and check holds."""
+
     def ready(objs):
         obj = objs.get(sts)
         if not obj or (obj.get("status") or {}).get("observedGeneration", 0) < obj["metadata"]["generation"]:
             return None
         return obj["status"] if check(obj["status"]) else None
-    return statefulsets.wait_for(ready, timeout, what)
+
+    return statefulsets.wait_for_value(ready, what)
 
 
 def rolled_out(replicas):
-    return lambda s: s.get("updatedReplicas") == replicas and s.get("readyReplicas") == replicas \
+    return lambda s: (
+        s.get("updatedReplicas") == replicas
+        and s.get("readyReplicas") == replicas
         and s.get("currentRevision") == s.get("updateRevision")
+    )
 
 
 def all_at(sts, ordinals, revision):
     def check(objs):
-        return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision} and objs
+        return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision}
+
     return check
 
 
 @pytest.mark.behaviour("rolling_update_reverse")
-def test_rolling_update_reverse(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(sts, range(3)), settings.wait_timeout, "3 pods")
-    old = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(3))["currentRevision"]
+def test_rolling_update_reverse(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3)
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    old = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
 
     pods.mark(f"update image to {NEW}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
-                         lambda s: s.get("updateRevision") != old)["updateRevision"]
-    pods.wait_for(all_at(sts, range(3), new), settings.wait_timeout, "every pod at the new revision")
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
+        "updateRevision"
+    ]
+    pods.wait_for(all_at(sts, range(3), new), "every pod at the new revision")
 
     _, events = pods.snapshot()
     start = next(e.seq for e in events if e.type == "ACTION")
@@ -87,43 +103,51 @@ def test_rolling_update_reverse(api, namespace, pods, statefulsets, settings):
     for i in (2, 1):
         replacement_ready = _first_ready_at(later, pod_name(sts, i), new)
         next_goes = began_terminating(later, pod_name(sts, i - 1))
-        assert replacement_ready.seq < next_goes.seq, \
+        assert replacement_ready.seq < next_goes.seq, (
             f"{pod_name(sts, i - 1)} was replaced before the new {pod_name(sts, i)} was Ready"
+        )
 
 
 def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
     for event in events:
-        if event.name == name and event.type != "DELETED" and event.state.get("revision") == revision \
-                and event.state.get("ready") and event.state.get("phase") == "Running":
+        if (
+            event.name == name
+            and event.type != "DELETED"
+            and event.state.get("revision") == revision
+            and event.state.get("ready")
+            and event.state.get("phase") == "Running"
+        ):
             return event
     raise AssertionError(f"{name} never became Ready at revision {revision}")
 
 
 @pytest.mark.behaviour("revision_status")
-def test_revision_status_and_rollback(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3)
-    pods.wait_for(running_and_ready(sts, range(3)), settings.wait_timeout, "3 pods")
-    first = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(3))
+def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3)
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    first = settled_status(statefulsets, sts, "status", rolled_out(3))
     old = first["currentRevision"]
     assert first["updateRevision"] == old
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
 
     pods.mark("update")
     set_image(api, namespace, sts, NEW)
-    rolled = settled_status(statefulsets, sts, settings.wait_timeout, "the rollout to finish",
-                            lambda s: s.get("updateRevision") != old and rolled_out(3)(s))
+    rolled = settled_status(
+        statefulsets, sts, "the rollout to finish", lambda s: s.get("updateRevision") != old and rolled_out(3)(s)
+    )
     new = rolled["updateRevision"]
     assert rolled["currentRevision"] == new
-    pods.wait_for(all_at(sts, range(3), new), settings.wait_timeout, "pods labelled with the new revision")
+    pods.wait_for(all_at(sts, range(3), new), "pods labelled with the new revision")
     history = _controller_revisions(api, namespace, sts)
     assert {old, new} <= set(history), f"ControllerRevisions {sorted(history)} lack {old} or {new}"
 
     pods.mark("roll back")
     set_image(api, namespace, sts, OLD)
-    back = settled_status(statefulsets, sts, settings.wait_timeout, "the rollback to finish",
-                          lambda s: s.get("updateRevision") == old and rolled_out(3)(s))
+    back = settled_status(
+        statefulsets, sts, "the rollback to finish", lambda s: s.get("updateRevision") == old and rolled_out(3)(s)
+    )
     assert back["currentRevision"] == old, "the rollback did not re-use the old ControllerRevision name"
-    pods.wait_for(all_at(sts, range(3), old), settings.wait_timeout, "pods back at the old revision")
+    pods.wait_for(all_at(sts, range(3), old), "pods back at the old revision")
     after = _controller_revisions(api, namespace, sts)
     assert set(after) == set(history), f"the rollback created a new ControllerRevision: {sorted(after)}"
     assert after[old] > history[new], "the re-used ControllerRevision was not given the newest revision number"
@@ -131,96 +155,108 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets, settin
 
 def _controller_revisions(api, namespace, sts) -> dict[str, int]:
     items = client.AppsV1Api(api).list_namespaced_controller_revision(namespace).items
-    return {r.metadata.name: r.revision for r in items
-            if any(o.kind == "StatefulSet" and o.name == sts for o in r.metadata.owner_references or [])}
+    return {
+        r.metadata.name: r.revision
+        for r in items
+        if any(o.kind == "StatefulSet" and o.name == sts for o in r.metadata.owner_references or [])
+    }
 
 
 @pytest.mark.behaviour("partition")
-@pytest.mark.parametrize("replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3",
-                                                                        "seed001-3-of-partition-2"])
-def test_partition(api, namespace, pods, statefulsets, settings, replicas, partition):
-    sts = create(api, namespace, "headless-network", replicas=replicas,
-                 strategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}})
-    pods.wait_for(running_and_ready(sts, range(replicas)), settings.wait_timeout, f"{replicas} pods")
-    old = settled_status(statefulsets, sts, settings.wait_timeout, "status", rolled_out(replicas))["currentRevision"]
+@pytest.mark.parametrize(
+    "replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3", "seed001-3-of-partition-2"]
+)
+def test_partition(api, namespace, pods, statefulsets, replicas, partition):
+    sts = create_web(
+        api, namespace, replicas, updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}
+    )
+    pods.wait_for(running_and_ready(sts, range(replicas)), f"{replicas} pods")
+    old = settled_status(statefulsets, sts, "status", rolled_out(replicas))["currentRevision"]
 
     pods.mark(f"update image, partition {partition}")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
-                         lambda s: s.get("updateRevision") != old)["updateRevision"]
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
+        "updateRevision"
+    ]
     expected = {i: (new if i >= partition else old) for i in range(replicas)}
 
     def split(objs):
         return running_and_ready(sts, range(replicas))(objs) and revisions(objs, sts) == expected
-    pods.wait_for(split, settings.wait_timeout, f"ordinals >= {partition} at the new revision, the rest old")
-    assert pods.stays(split, settings.quiet_window), "pods below the partition were updated"
+
+    pods.wait_for(split, f"ordinals >= {partition} at the new revision, the rest old")
+    assert pods.stays(split), "pods below the partition were updated"
     assert all(images(pods.snapshot()[0], sts)[i] == OLD for i in range(partition))
 
-    victim = pod_name(sts, partition - 1)
-    pods.mark(f"delete {victim} (below the partition)")
-    old_uid = pods.snapshot()[0][victim]["metadata"]["uid"]
-    client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    pods.wait_for(lambda objs: replaced(objs, victim, old_uid) and split(objs),
-                  settings.wait_timeout, f"{victim} back at the old revision")
+    victim = pod_name(sts, partition - 1)  # below the partition
+    recreate_pod(api, pods, victim, until=split, what=f"{victim} back at the old revision")
     assert images(pods.snapshot()[0], sts)[partition - 1] == OLD, f"{victim} came back with the new template"
 
     pods.mark("lower the partition to 0")
     set_partition(api, namespace, sts, 0)
-    pods.wait_for(all_at(sts, range(replicas), new), settings.wait_timeout, "every pod at the new revision")
-    settled_status(statefulsets, sts, settings.wait_timeout, "the rollout to finish",
-                   lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new)
+    pods.wait_for(all_at(sts, range(replicas), new), "every pod at the new revision")
+    settled_status(
+        statefulsets,
+        sts,
+        "the rollout to finish",
+        lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new,
+    )
 
 
 @pytest.mark.behaviour("ondelete")
-def test_ondelete(api, namespace, pods, statefulsets, settings):
-    sts = create(api, namespace, replicas=3, strategy={"type": "OnDelete"})
-    objs = pods.wait_for(lambda o: running_and_ready(sts, range(3))(o) and o, settings.wait_timeout, "3 pods")
+def test_ondelete(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3, updateStrategy={"type": "OnDelete"})
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
     old = set(revisions(objs, sts).values())
     before = {name: pod["metadata"]["uid"] for name, pod in objs.items()}
 
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
-    new = settled_status(statefulsets, sts, settings.wait_timeout, "a new update revision",
-                         lambda s: s.get("updateRevision") not in old)["updateRevision"]
-    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before, settings.quiet_window), \
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") not in old)[
+        "updateRevision"
+    ]
+    assert pods.stays(lambda o: {n: p["metadata"]["uid"] for n, p in o.items()} == before), (
         "OnDelete replaced a pod by itself"
+    )
     # Under OnDelete status.currentRevision may never advance: assert on the pods' labels.
     assert set(revisions(pods.snapshot()[0], sts).values()) == old
 
     victim = pod_name(sts, 1)
-    pods.mark(f"delete {victim}")
-    client.CoreV1Api(api).delete_namespaced_pod(victim, namespace)
-    objs = pods.wait_for(lambda o: running_and_ready(sts, range(3))(o) and o[victim]["metadata"]["uid"]
-                         != before[victim] and o, settings.wait_timeout, f"{victim} recreated")
+    objs = recreate_pod(api, pods, victim, until=running_and_ready(sts, range(3)), what=f"{victim} recreated")
     (old_revision,) = old
-    assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, \
+    assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, (
         f"only the deleted pod should carry the new revision: {revisions(objs, sts)}"
+    )
     assert images(objs, sts)[1] == NEW
 
 
 @pytest.mark.behaviour("max_unavailable")
-def test_max_unavailable(api, namespace, pods, statefulsets, settings):
-    docs = manifests.load("headless-network", namespace, replicas=5)
-    sts_doc = manifests.one(docs, "StatefulSet")
-    sts_doc["spec"]["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}}
-    sts_doc["spec"]["podManagementPolicy"] = "Parallel"
-    hold_pods(sts_doc, on_delete=True)
-    manifests.apply(api, docs)
-    sts = sts_doc["metadata"]["name"]
+def test_max_unavailable(api, namespace, pods, statefulsets):
+    sts = create(
+        api,
+        namespace,
+        "headless-network",
+        replicas=5,
+        on_delete=True,
+        podManagementPolicy="Parallel",
+        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
+    )["metadata"]["name"]
     stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
     if stored.max_unavailable is None:
-        pytest.skip("the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
-                    "is off in this cluster")
-    pods.wait_for(running_and_ready(sts, range(5)), settings.wait_timeout, "5 pods")
+        pytest.skip(
+            "the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
+            "is off in this cluster"
+        )
+    pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
 
     # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
     # is visible: exactly maxUnavailable, from the top.
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
 
-    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, settings.wait_timeout, "2 pods taken down")
-    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}, settings.quiet_window), \
+    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, "2 pods taken down")
+    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}), (
         f"expected exactly pods 3 and 4 down, saw {sorted(terminating_ordinals(pods.snapshot()[0], sts))}"
+    )
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
         if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
@@ -228,22 +264,26 @@ def test_max_unavailable(api, namespace, pods, statefulsets, settings):
 
 
 @pytest.mark.behaviour("min_ready_available")
-def test_min_ready_available(api, namespace, pods, statefulsets, settings):
+def test_min_ready_available(api, namespace, pods, statefulsets):
     min_ready = 3
-    sts = create(api, namespace, replicas=2, podManagementPolicy="Parallel", minReadySeconds=min_ready)
-    pods.wait_for(running_and_ready(sts, range(2)), settings.wait_timeout, "2 pods Ready")
-    ready_at = statefulsets.wait_for(lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2
-                                     and o[sts]["status"], settings.wait_timeout, "readyReplicas 2")
+    sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", minReadySeconds=min_ready)
+    pods.wait_for(running_and_ready(sts, range(2)), "2 pods Ready")
+    ready_at = statefulsets.wait_for(
+        lambda o: o.get(sts) and (o[sts].get("status") or {}).get("readyReplicas") == 2, "readyReplicas 2"
+    )[sts]["status"]
     assert ready_at.get("availableReplicas", 0) < 2, "pods counted available at once despite minReadySeconds"
     _, events = statefulsets.snapshot()
     t_ready = next(e.at for e in events if e.type != "ACTION" and e.state["status"].get("readyReplicas") == 2)
-    statefulsets.wait_for(lambda o: (o[sts].get("status") or {}).get("availableReplicas") == 2,
-                          settings.wait_timeout + min_ready, "availableReplicas 2")
+    statefulsets.wait_for(
+        lambda o: (o[sts].get("status") or {}).get("availableReplicas") == 2,
+        "availableReplicas 2",
+        timeout=statefulsets.timeout + min_ready,
+    )
     _, events = statefulsets.snapshot()
-    t_available = next(e.at for e in events if e.type != "ACTION"
-                       and e.state["status"].get("availableReplicas") == 2)
+    t_available = next(e.at for e in events if e.type != "ACTION" and e.state["status"].get("availableReplicas") == 2)
     # The controller counts from the Ready condition's lastTransitionTime, which the API stores to the
     # second: a pod Ready at hh:mm:ss.9 is available up to 1 s early by our clock, never more.
-    assert t_available - t_ready >= min_ready - 1.1, \
+    assert t_available - t_ready >= min_ready - 1.1, (
         f"available {t_available - t_ready:.2f}s after Ready, minReadySeconds is {min_ready}"
+    )
     assert all(is_ready(p) for p in owned_pods(pods.snapshot()[0], sts).values())
