@@ -5,6 +5,7 @@ import re
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
@@ -12,6 +13,7 @@ from fixtures.sts import budget_allows_one, create, evict, pod_name, replaced, r
 from fixtures.waits import eventually
 
 STS, HEADLESS = "zk", "zk-hs"
+MYID = "/var/lib/zookeeper/data/myid"
 
 pytestmark = [
     pytest.mark.needs("containers", "dynamic_storage", "nodes"),
@@ -49,6 +51,27 @@ def settled_modes(api, namespace) -> list[str]:
     return last
 
 
+def container_running(pod) -> bool:
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    return bool(statuses) and all("running" in (s.get("state") or {}) for s in statuses)
+
+
+def written(read, seconds: float = 30) -> str:
+    """What read() returns once it is not empty: the entrypoint writes myid just after the container
+    starts (a file has no watch: a bounded retry)."""
+    seen = [""]
+
+    def attempt() -> bool:
+        try:
+            seen[0] = read()
+        except (AssertionError, ApiException):  # no file yet, or a container still starting
+            seen[0] = ""
+        return bool(seen[0])
+
+    eventually(attempt, seconds)
+    return seen[0]
+
+
 def zk_cli(api, namespace, ordinal, *args) -> str:
     return run_in(api, namespace, pod_name(STS, ordinal), ["zkCli.sh", *args], timeout=120)
 
@@ -60,10 +83,15 @@ def dns_zone(api, namespace) -> str:
 
 
 @pytest.mark.behaviour("zk_myid")
-def test_zk_myid(api, ensemble):
+def test_zk_myid(api, namespace, pods):
+    # Each member is checked as soon as its container runs: a wrong id fails here, at that member,
+    # not after the ensemble (which a wrong numbering may never form) is awaited.
+    create(api, namespace, "zookeeper", replicas=3)
     for i in range(3):
-        myid = run_in(api, ensemble, pod_name(STS, i), ["cat", "/var/lib/zookeeper/data/myid"]).strip()
-        assert myid == str(i + 1), f"{pod_name(STS, i)} has myid {myid}, expected {i + 1}"
+        member = pod_name(STS, i)
+        pods.wait_for(lambda o, member=member: container_running(o.get(member)), f"{member} running")
+        myid = written(lambda member=member: run_in(api, namespace, member, ["cat", MYID]).strip())
+        assert myid == str(i + 1), f"{member} has myid {myid!r}, expected {i + 1}"
 
 
 @pytest.mark.behaviour("zk_config")
