@@ -56,7 +56,7 @@ def test_pvc_per_ordinal(api, namespace, pods, pvcs):
     assert len(set(volumes.values())) == 3, f"claims share volumes: {volumes}"
 
 
-@pytest.mark.behaviour("pvc_per_ordinal")
+@pytest.mark.behaviour("nfs_dynamic_volumes")
 @pytest.mark.needs("dynamic_storage", "nfs")
 def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs):
     """Seed 003's claims are served by the NFS provisioner: each bound volume is an NFS volume."""
