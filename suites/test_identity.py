@@ -109,6 +109,7 @@ def test_deleted_pod_same_identity(api, namespace, pods, pvcs):
 
 
 @pytest.mark.behaviour("failed_pod_recreated")
+@pytest.mark.conformance("StatefulSet, Recreate Failed Pod")
 def test_failed_pod_recreated(api, namespace, pods):
     create(api, namespace, "headless-network", replicas=2)
     before = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")

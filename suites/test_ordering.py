@@ -24,10 +24,12 @@ from fixtures.sts import (
 )
 
 STS = "sts-xiuxian"
+SCALING = "StatefulSet, Scaling"  # the conformance entry the ordering tests cover
 WEB = "headless-network"  # the manifest: podManagementPolicy left to its default, OrderedReady
 
 
 @pytest.mark.behaviour("ordered_scale_up")
+@pytest.mark.conformance(SCALING)
 def test_ordered_scale_up(api, namespace, pods):
     # Pods are held unscheduled (so not Ready) until the test releases them one by one: a controller
     # that does not wait for Ready is caught whatever the speed of the nodes.
@@ -54,6 +56,7 @@ def test_ordered_scale_up(api, namespace, pods):
 
 
 @pytest.mark.behaviour("ordered_scale_down")
+@pytest.mark.conformance(SCALING)
 def test_ordered_scale_down(api, namespace, pods):
     # Deleted pods stay Terminating until the test releases them: a controller that does not wait for
     # each pod to be gone before the next is caught whatever the speed of the nodes.
@@ -84,6 +87,7 @@ def test_ordered_scale_down(api, namespace, pods):
 
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
+@pytest.mark.conformance(SCALING)
 def test_scale_halts_unhealthy(api, namespace, pods):
     create(api, namespace, WEB, replicas=3)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
@@ -116,6 +120,7 @@ def test_scale_halts_unhealthy(api, namespace, pods):
 
 
 @pytest.mark.behaviour("parallel_policy")
+@pytest.mark.conformance("StatefulSet, Burst Scaling")
 def test_parallel_policy(api, namespace, pods):
     # Pods are held unscheduled (so never Ready) and, when deleted, Terminating: an OrderedReady
     # controller would stop at pod 0 in both directions; a Parallel one must not wait.

@@ -80,6 +80,7 @@ def all_at(sts, ordinals, revision):
 
 
 @pytest.mark.behaviour("rolling_update_reverse")
+@pytest.mark.conformance("StatefulSet, Rolling Update")
 def test_rolling_update_reverse(api, namespace, pods, statefulsets):
     sts = create_web(api, namespace, 3)
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
@@ -122,6 +123,7 @@ def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
 
 
 @pytest.mark.behaviour("revision_status")
+@pytest.mark.conformance("StatefulSet, Rolling Update")
 def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
     sts = create_web(api, namespace, 3)
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
@@ -163,6 +165,7 @@ def _controller_revisions(api, namespace, sts) -> dict[str, int]:
 
 
 @pytest.mark.behaviour("partition")
+@pytest.mark.conformance("StatefulSet, Rolling Update with Partition")
 @pytest.mark.parametrize(
     "replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3", "seed001-3-of-partition-2"]
 )
