@@ -3,7 +3,9 @@
 
 import pytest
 from kubernetes import client
+from kubernetes.utils import FailToCreateError
 
+from fixtures import versions
 from fixtures.images.imagemap import mapped, upstream_of
 from fixtures.recorder import Event
 from fixtures.sts import (
@@ -20,6 +22,10 @@ from fixtures.sts import (
 )
 
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
+
+
+def server_version(api) -> str:
+    return client.VersionApi(api).get_code().git_version
 
 
 def create_web(api, namespace, replicas, **spec) -> str:
@@ -234,6 +240,10 @@ def test_ondelete(api, namespace, pods, statefulsets):
 
 @pytest.mark.behaviour("max_unavailable")
 def test_max_unavailable(api, namespace, pods, statefulsets):
+    gate, version = "MaxUnavailableStatefulSet", server_version(api)
+    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    if expected == "absent":
+        pytest.skip(why)
     sts = create(
         api,
         namespace,
@@ -244,11 +254,11 @@ def test_max_unavailable(api, namespace, pods, statefulsets):
         updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
     )["metadata"]["name"]
     stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
-    if stored.max_unavailable is None:
-        pytest.skip(
-            "the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
-            "is off in this cluster"
-        )
+    kept = stored.max_unavailable is not None
+    if expected == "off":
+        assert not kept, f"the API kept rollingUpdate.maxUnavailable, but {why}"
+        return  # the gate is off as this version promises: the field is dropped, there is nothing to roll
+    assert kept, f"the API dropped rollingUpdate.maxUnavailable, but {why}"
     pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
 
     # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
@@ -290,3 +300,39 @@ def test_min_ready_available(api, namespace, pods, statefulsets):
         f"available {t_available - t_ready:.2f}s after Ready, minReadySeconds is {min_ready}"
     )
     assert all(is_ready(p) for p in owned_pods(pods.snapshot()[0], sts).values())
+
+
+@pytest.mark.behaviour("recreate_strategy")
+def test_recreate_strategy(api, namespace, pods, statefulsets):
+    gate, version = "StatefulSetRecreateStrategy", server_version(api)
+    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    if expected == "absent":
+        pytest.skip(why)
+    try:
+        sts = create_web(api, namespace, 3, on_delete=True, updateStrategy={"type": "Recreate"})
+    except FailToCreateError as failed:
+        error = failed.api_exceptions[0]
+        assert expected == "off" and error.status == 422, (
+            f"creating a Recreate set: {error.status} {error.reason}; {why}"
+        )
+        assert "Recreate" in (error.body or ""), f"refused for another reason than the strategy: {error.body}"
+        return  # refused, as this version's default promises
+    assert expected == "on", f"the API accepted updateStrategy Recreate, but {why}"
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods Running and Ready")
+    old = set(revisions(pods.snapshot()[0], sts).values())
+
+    pods.mark("update image")
+    set_image(api, namespace, sts, NEW)
+    pods.wait_for(lambda o: terminating_ordinals(o, sts) == {0, 1, 2}, "every old pod taken down")
+    assert pods.stays(lambda o: set(owned_pods(o, sts)) == {0, 1, 2} and terminating_ordinals(o, sts) == {0, 1, 2}), (
+        "a new pod came while old pods were still terminating"
+    )
+    pods.mark("release the old pods")
+    for i in range(3):
+        release_finalizer(api, namespace, pod_name(sts, i))
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 new pods Running and Ready")
+    assert not old & set(revisions(objs, sts).values()), f"old revision left: {revisions(objs, sts)}"
+    _, events = pods.snapshot()
+    last_gone = max(e.seq for e in events if e.type == "DELETED")
+    first_new = min(e.seq for e in events if e.type == "ADDED" and e.state["revision"] not in old)
+    assert last_gone < first_new, "a new pod was created before every old pod was gone"
