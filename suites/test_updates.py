@@ -7,7 +7,7 @@ from kubernetes.utils import FailToCreateError
 
 from fixtures import versions
 from fixtures.images.imagemap import mapped, upstream_of
-from fixtures.recorder import Event
+from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
     began_terminating,
@@ -21,6 +21,7 @@ from fixtures.sts import (
     terminating_ordinals,
 )
 
+ROUND = "sts-conformance.k8s.io/round"  # a template annotation: each new value is a new revision
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
 
 
@@ -336,3 +337,25 @@ def test_recreate_strategy(api, namespace, pods, statefulsets):
     last_gone = max(e.seq for e in events if e.type == "DELETED")
     first_new = min(e.seq for e in events if e.type == "ADDED" and e.state["revision"] not in old)
     assert last_gone < first_new, "a new pod was created before every old pod was gone"
+
+
+@pytest.mark.behaviour("revision_history_limit")
+def test_revision_history_limit(api, namespace, pods, statefulsets, watch):
+    history = watch(client.AppsV1Api(api).list_namespaced_controller_revision, "controllerrevisions", generic_state)
+    limit = 1
+    sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", revisionHistoryLimit=limit)
+    pods.wait_for(running_and_ready(sts, range(2)), "2 pods")
+    seen = [settled_status(statefulsets, sts, "status", rolled_out(2))["updateRevision"]]
+    for round_ in range(1, 4):
+        statefulsets.mark(f"template change {round_}")
+        client.AppsV1Api(api).patch_namespaced_stateful_set(
+            sts, namespace, {"spec": {"template": {"metadata": {"annotations": {ROUND: str(round_)}}}}}
+        )
+        status = settled_status(
+            statefulsets, sts, f"rollout {round_}", lambda s: s.get("updateRevision") not in seen and rolled_out(2)(s)
+        )
+        seen.append(status["updateRevision"])
+    # The live revision, plus the newest `limit` of the others; the older ones pruned.
+    kept = set(seen[-1 - limit :])
+    history.wait_for(lambda objs: set(objs) == kept, f"ControllerRevisions pruned to {sorted(kept)}")
+    assert history.stays(lambda objs: set(objs) == kept), f"ControllerRevisions changed: {sorted(history.objects)}"
