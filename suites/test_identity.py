@@ -109,6 +109,7 @@ def test_deleted_pod_same_identity(api, namespace, pods, pvcs):
 
 
 @pytest.mark.behaviour("failed_pod_recreated")
+@pytest.mark.conformance("StatefulSet, Recreate Failed Pod")
 def test_failed_pod_recreated(api, namespace, pods):
     create(api, namespace, "headless-network", replicas=2)
     before = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
@@ -130,3 +131,41 @@ def test_hostname_in_pod(api, namespace, pods):
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
     for i in range(3):
         assert run_in(api, namespace, pod_name(STS, i), ["hostname"]).strip() == pod_name(STS, i)
+
+
+def controller_uid(pod: dict) -> str | None:
+    owners = [o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")]
+    return owners[0]["uid"] if owners else None
+
+
+@pytest.mark.behaviour("orphan_adoption")
+def test_orphan_adoption(api, namespace, pods):
+    create(api, namespace, "headless-network", replicas=1)
+    before = pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")[pod_name(STS, 0)]
+    sts_uid = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace).metadata.uid
+    core, name = client.CoreV1Api(api), pod_name(STS, 0)
+
+    pods.mark(f"orphan {name}")
+    orphaned = core.patch_namespaced_pod(name, namespace, [{"op": "remove", "path": "/metadata/ownerReferences"}])
+    # Adopted means a write after the orphaning (the watch may not have shown the orphan yet).
+    versions_seen = {before["metadata"]["resourceVersion"], orphaned.metadata.resource_version}
+    adopted = pods.wait_for(
+        lambda objs: (
+            name in objs
+            and objs[name]["metadata"]["resourceVersion"] not in versions_seen
+            and controller_uid(objs[name]) == sts_uid
+        ),
+        f"{name} adopted",
+    )[name]
+    assert adopted["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not adopted"
+
+    pods.mark(f"relabel {name} out of the selector")
+    core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": {"app": "released"}}})
+    released = pods.wait_for(
+        lambda objs: (
+            (objs.get(name, {}).get("metadata", {}).get("labels") or {}).get("app") == "released"
+            and controller_uid(objs[name]) is None
+        ),
+        f"{name} released",
+    )[name]
+    assert released["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not released"

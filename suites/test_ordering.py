@@ -18,28 +18,41 @@ from fixtures.sts import (
     release_finalizer,
     release_gate,
     running_and_ready,
+    running_not_ready,
     scale,
     set_ready,
+    set_running_unready,
     terminating_ordinals,
 )
 
 STS = "sts-xiuxian"
+SCALING = "StatefulSet, Scaling"  # the conformance entry the ordering tests cover
 WEB = "headless-network"  # the manifest: podManagementPolicy left to its default, OrderedReady
 
 
 @pytest.mark.behaviour("ordered_scale_up")
+@pytest.mark.conformance(SCALING)
 def test_ordered_scale_up(api, namespace, pods):
-    # Pods are held unscheduled (so not Ready) until the test releases them one by one: a controller
-    # that does not wait for Ready is caught whatever the speed of the nodes.
+    # Pods are held unscheduled (so not Ready), then made Running but not Ready (as a container whose
+    # readiness probe fails), then Ready, by the test one by one: a controller that does not wait for
+    # Ready, or waits only for Running, is caught at the pod it creates too early.
     create(api, namespace, WEB, replicas=3, unscheduled=True)
     for i in range(3):
         pods.wait_for(lambda objs, i=i: pod_name(STS, i) in objs, f"{pod_name(STS, i)} created")
         if i < 2:
-            assert pods.stays(lambda objs, i=i: set(owned_pods(objs, STS)) == set(range(i + 1))), (
-                f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was not Ready"
+            only_up_to_i = lambda objs, i=i: set(owned_pods(objs, STS)) == set(range(i + 1))  # noqa: E731
+            assert pods.stays(only_up_to_i), f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was Pending"
+            pods.mark(f"{pod_name(STS, i)} Running, not Ready")
+            set_running_unready(api, namespace, pod_name(STS, i))
+            pods.wait_for(lambda objs, i=i: running_not_ready(objs[pod_name(STS, i)]), f"{pod_name(STS, i)} Running")
+            assert pods.stays(only_up_to_i), (
+                f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was Running but not Ready"
             )
-        pods.mark(f"release {pod_name(STS, i)}")
-        release_gate(api, namespace, pod_name(STS, i))
+            pods.mark(f"{pod_name(STS, i)} Ready")
+            set_ready(api, namespace, pod_name(STS, i), True)
+        else:
+            pods.mark(f"release {pod_name(STS, i)}")
+            release_gate(api, namespace, pod_name(STS, i))
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     _, events = pods.snapshot()
@@ -54,6 +67,7 @@ def test_ordered_scale_up(api, namespace, pods):
 
 
 @pytest.mark.behaviour("ordered_scale_down")
+@pytest.mark.conformance(SCALING)
 def test_ordered_scale_down(api, namespace, pods):
     # Deleted pods stay Terminating until the test releases them: a controller that does not wait for
     # each pod to be gone before the next is caught whatever the speed of the nodes.
@@ -84,6 +98,7 @@ def test_ordered_scale_down(api, namespace, pods):
 
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
+@pytest.mark.conformance(SCALING)
 def test_scale_halts_unhealthy(api, namespace, pods):
     create(api, namespace, WEB, replicas=3)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
@@ -116,6 +131,7 @@ def test_scale_halts_unhealthy(api, namespace, pods):
 
 
 @pytest.mark.behaviour("parallel_policy")
+@pytest.mark.conformance("StatefulSet, Burst Scaling")
 def test_parallel_policy(api, namespace, pods):
     # Pods are held unscheduled (so never Ready) and, when deleted, Terminating: an OrderedReady
     # controller would stop at pod 0 in both directions; a Parallel one must not wait.
@@ -142,6 +158,38 @@ def test_parallel_policy(api, namespace, pods):
     for i in range(3):
         release_finalizer(api, namespace, pod_name(STS, i))
     pods.wait_for(lambda objs: not objs, "all pods gone")
+
+
+@pytest.mark.behaviour("scale_down_halts_unhealthy")
+@pytest.mark.conformance(SCALING)
+def test_scale_down_halts_unhealthy(api, namespace, pods):
+    # Upstream's "Scaling" scenario: every pod unhealthy, scale to 0. Only the first pod in deletion
+    # order (the highest) may go; any other pod that begins terminating fails the test at that event.
+    create(api, namespace, WEB, replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
+    pods.mark("make every pod unready")
+    for i in range(3):
+        set_ready(api, namespace, pod_name(STS, i), False)
+    pods.wait_for(lambda objs: not any(is_ready(p) for p in owned_pods(objs, STS).values()), "every pod unready")
+
+    pods.mark("scale to 0")
+    scale(api, namespace, STS, 0)
+
+    def only_the_highest_may_go(objs):
+        present = owned_pods(objs, STS)
+        return {0, 1} <= set(present) and not ({0, 1} & terminating_ordinals(objs, STS))
+
+    if not pods.stays(only_the_highest_may_go):
+        objs = pods.snapshot()[0]
+        raise AssertionError(
+            f"scale-down went past the first pod while every pod was unhealthy: pods {sorted(owned_pods(objs, STS))}, "
+            f"terminating {sorted(terminating_ordinals(objs, STS))}"
+        )
+
+    pods.mark("make the remaining pods ready again")
+    for i in sorted(set(owned_pods(pods.snapshot()[0], STS)) - terminating_ordinals(pods.snapshot()[0], STS)):
+        set_ready(api, namespace, pod_name(STS, i), True)
+    pods.wait_for(lambda objs: not owned_pods(objs, STS), "scale-down to resume down to 0 pods")
 
 
 @pytest.mark.behaviour("delete_not_ordered")

@@ -61,8 +61,10 @@ def test_pvc_per_ordinal(api, namespace, pods, pvcs):
 def test_pvc_per_ordinal_volumes_are_nfs(api, namespace, pods, pvcs):
     """Seed 003's claims are served by the NFS provisioner: each bound volume is an NFS volume."""
     create(api, namespace, WEB, replicas=3)
+    objs = pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
     claims = pvcs.wait_for(bound({claim(i) for i in range(3)}), "3 claims Bound")
     for i in range(3):
+        assert claim_of(objs[pod_name(STS, i)]) == claim(i), f"{pod_name(STS, i)} does not mount {claim(i)}"
         volume = client.CoreV1Api(api).read_persistent_volume(claims[claim(i)]["spec"]["volumeName"])
         assert volume.spec.nfs is not None, f"{claim(i)} is bound to {volume.metadata.name}, which is not NFS"
 

@@ -3,9 +3,11 @@
 
 import pytest
 from kubernetes import client
+from kubernetes.utils import FailToCreateError
 
+from fixtures import versions
 from fixtures.images.imagemap import mapped, upstream_of
-from fixtures.recorder import Event
+from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
     began_terminating,
@@ -19,7 +21,12 @@ from fixtures.sts import (
     terminating_ordinals,
 )
 
+ROUND = "sts-conformance.k8s.io/round"  # a template annotation: each new value is a new revision
 OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
+
+
+def server_version(api) -> str:
+    return client.VersionApi(api).get_code().git_version
 
 
 def create_web(api, namespace, replicas, **spec) -> str:
@@ -80,6 +87,7 @@ def all_at(sts, ordinals, revision):
 
 
 @pytest.mark.behaviour("rolling_update_reverse")
+@pytest.mark.conformance("StatefulSet, Rolling Update")
 def test_rolling_update_reverse(api, namespace, pods, statefulsets):
     sts = create_web(api, namespace, 3)
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
@@ -122,6 +130,7 @@ def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
 
 
 @pytest.mark.behaviour("revision_status")
+@pytest.mark.conformance("StatefulSet, Rolling Update")
 def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
     sts = create_web(api, namespace, 3)
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
@@ -163,6 +172,7 @@ def _controller_revisions(api, namespace, sts) -> dict[str, int]:
 
 
 @pytest.mark.behaviour("partition")
+@pytest.mark.conformance("StatefulSet, Rolling Update with Partition")
 @pytest.mark.parametrize(
     "replicas, partition", [(5, 3), (3, 2)], ids=["seed000-5-of-partition-3", "seed001-3-of-partition-2"]
 )
@@ -231,6 +241,10 @@ def test_ondelete(api, namespace, pods, statefulsets):
 
 @pytest.mark.behaviour("max_unavailable")
 def test_max_unavailable(api, namespace, pods, statefulsets):
+    gate, version = "MaxUnavailableStatefulSet", server_version(api)
+    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    if expected == "absent":
+        pytest.skip(why)
     sts = create(
         api,
         namespace,
@@ -241,11 +255,11 @@ def test_max_unavailable(api, namespace, pods, statefulsets):
         updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
     )["metadata"]["name"]
     stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
-    if stored.max_unavailable is None:
-        pytest.skip(
-            "the API server dropped rollingUpdate.maxUnavailable: the MaxUnavailableStatefulSet feature "
-            "is off in this cluster"
-        )
+    kept = stored.max_unavailable is not None
+    if expected == "off":
+        assert not kept, f"the API kept rollingUpdate.maxUnavailable, but {why}"
+        return  # the gate is off as this version promises: the field is dropped, there is nothing to roll
+    assert kept, f"the API dropped rollingUpdate.maxUnavailable, but {why}"
     pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
 
     # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
@@ -287,3 +301,61 @@ def test_min_ready_available(api, namespace, pods, statefulsets):
         f"available {t_available - t_ready:.2f}s after Ready, minReadySeconds is {min_ready}"
     )
     assert all(is_ready(p) for p in owned_pods(pods.snapshot()[0], sts).values())
+
+
+@pytest.mark.behaviour("recreate_strategy")
+def test_recreate_strategy(api, namespace, pods, statefulsets):
+    gate, version = "StatefulSetRecreateStrategy", server_version(api)
+    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    if expected == "absent":
+        pytest.skip(why)
+    try:
+        sts = create_web(api, namespace, 3, on_delete=True, updateStrategy={"type": "Recreate"})
+    except FailToCreateError as failed:
+        error = failed.api_exceptions[0]
+        assert expected == "off" and error.status == 422, (
+            f"creating a Recreate set: {error.status} {error.reason}; {why}"
+        )
+        assert "Recreate" in (error.body or ""), f"refused for another reason than the strategy: {error.body}"
+        return  # refused, as this version's default promises
+    assert expected == "on", f"the API accepted updateStrategy Recreate, but {why}"
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods Running and Ready")
+    old = set(revisions(pods.snapshot()[0], sts).values())
+
+    pods.mark("update image")
+    set_image(api, namespace, sts, NEW)
+    pods.wait_for(lambda o: terminating_ordinals(o, sts) == {0, 1, 2}, "every old pod taken down")
+    assert pods.stays(lambda o: set(owned_pods(o, sts)) == {0, 1, 2} and terminating_ordinals(o, sts) == {0, 1, 2}), (
+        "a new pod came while old pods were still terminating"
+    )
+    pods.mark("release the old pods")
+    for i in range(3):
+        release_finalizer(api, namespace, pod_name(sts, i))
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 new pods Running and Ready")
+    assert not old & set(revisions(objs, sts).values()), f"old revision left: {revisions(objs, sts)}"
+    _, events = pods.snapshot()
+    last_gone = max(e.seq for e in events if e.type == "DELETED")
+    first_new = min(e.seq for e in events if e.type == "ADDED" and e.state["revision"] not in old)
+    assert last_gone < first_new, "a new pod was created before every old pod was gone"
+
+
+@pytest.mark.behaviour("revision_history_limit")
+def test_revision_history_limit(api, namespace, pods, statefulsets, watch):
+    history = watch(client.AppsV1Api(api).list_namespaced_controller_revision, "controllerrevisions", generic_state)
+    limit = 1
+    sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", revisionHistoryLimit=limit)
+    pods.wait_for(running_and_ready(sts, range(2)), "2 pods")
+    seen = [settled_status(statefulsets, sts, "status", rolled_out(2))["updateRevision"]]
+    for round_ in range(1, 4):
+        statefulsets.mark(f"template change {round_}")
+        client.AppsV1Api(api).patch_namespaced_stateful_set(
+            sts, namespace, {"spec": {"template": {"metadata": {"annotations": {ROUND: str(round_)}}}}}
+        )
+        status = settled_status(
+            statefulsets, sts, f"rollout {round_}", lambda s: s.get("updateRevision") not in seen and rolled_out(2)(s)
+        )
+        seen.append(status["updateRevision"])
+    # The live revision, plus the newest `limit` of the others; the older ones pruned.
+    kept = set(seen[-1 - limit :])
+    history.wait_for(lambda objs: set(objs) == kept, f"ControllerRevisions pruned to {sorted(kept)}")
+    assert history.stays(lambda objs: set(objs) == kept), f"ControllerRevisions changed: {sorted(history.objects)}"

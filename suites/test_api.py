@@ -1,0 +1,140 @@
+"""The StatefulSet API itself: the scale and status subresources, and create, list by label, patch and
+deleteCollection (upstream's three API conformance entries)."""
+
+import secrets
+
+import pytest
+from kubernetes import client
+
+from fixtures import manifests
+from fixtures.sts import owned_pods, running_and_ready
+
+STS = "sts-xiuxian"
+WEB = "headless-network"
+LABEL = "sts-conformance.k8s.io/lifecycle"
+PATCHED = "sts-conformance.k8s.io/patched"
+
+
+def create_labelled(api, namespace, replicas: int, labels: dict | None = None) -> None:
+    docs = manifests.load(WEB, namespace, replicas=replicas)
+    manifests.one(docs, "StatefulSet")["metadata"].setdefault("labels", {}).update(labels or {})
+    manifests.apply(api, docs)
+
+
+def settled(statefulsets, ready: int):
+    """The set's status once the controller has observed the latest spec and counts `ready` Ready pods."""
+
+    def check(objs):
+        obj = objs.get(STS)
+        status = (obj or {}).get("status") or {}
+        if not obj or status.get("observedGeneration", 0) < obj["metadata"]["generation"]:
+            return None
+        return status if status.get("readyReplicas", 0) == ready else None
+
+    return statefulsets.wait_for_value(check, f"the status to count {ready} Ready pods")
+
+
+def condition_types(obj) -> set[str]:
+    return {c["type"] for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+@pytest.mark.behaviour("scale_subresource")
+@pytest.mark.conformance("StatefulSet resource Replica scaling")
+def test_scale_subresource(api, namespace, pods, statefulsets):
+    apps = client.AppsV1Api(api)
+    create_labelled(api, namespace, replicas=1)
+    pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
+    status = settled(statefulsets, 1)
+    assert status.get("replicas") == 1, f"status.replicas is {status.get('replicas')} with 1 pod Ready"
+
+    scale = apps.read_namespaced_stateful_set_scale(STS, namespace)
+    assert (scale.spec.replicas, scale.status.replicas) == (1, 1), f"a new set of 1 has scale {scale}"
+    assert scale.status.selector == "app=nginx", f"scale.status.selector is {scale.status.selector!r}"
+
+    pods.mark("PUT scale 2")
+    scale.spec.replicas = 2
+    apps.replace_namespaced_stateful_set_scale(STS, namespace, scale)
+    assert apps.read_namespaced_stateful_set(STS, namespace).spec.replicas == 2, "PUT scale did not set spec.replicas"
+    pods.wait_for(running_and_ready(STS, range(2)), "the set to follow its scale to 2 pods")
+    status = settled(statefulsets, 2)  # the first status that counts both pods Ready must count both pods
+    assert status.get("replicas") == 2, f"status.replicas is {status.get('replicas')} with 2 pods Ready"
+    assert apps.read_namespaced_stateful_set_scale(STS, namespace).status.replicas == 2
+
+    pods.mark("PATCH scale 1")
+    apps.patch_namespaced_stateful_set_scale(STS, namespace, {"spec": {"replicas": 1}})
+    pods.wait_for(running_and_ready(STS, range(1)), "the set to follow its scale down to 1 pod")
+    # A pod being deleted may still be counted for a moment; once it is gone the status must say 1.
+    statefulsets.wait_for(lambda objs: (objs[STS].get("status") or {}).get("replicas") == 1, "status.replicas 1")
+    scale = apps.read_namespaced_stateful_set_scale(STS, namespace)
+    assert (scale.spec.replicas, scale.status.replicas) == (1, 1), f"after PATCH scale 1: {scale}"
+
+
+@pytest.mark.behaviour("status_subresource")
+@pytest.mark.conformance("StatefulSet, status sub-resource")
+def test_status_subresource(api, namespace, pods, statefulsets):
+    apps = client.AppsV1Api(api)
+    create_labelled(api, namespace, replicas=1)
+    pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
+    settled(statefulsets, 1)
+
+    read = apps.read_namespaced_stateful_set_status(STS, namespace)
+    assert read.status.ready_replicas == 1, f"GET /status shows {read.status.ready_replicas} Ready pods, not 1"
+
+    statefulsets.mark("PUT /status with condition StatusUpdate")
+    read.status.conditions = [
+        client.V1StatefulSetCondition(type="StatusUpdate", status="True", reason="E2E", message="set by a test")
+    ]
+    updated = apps.replace_namespaced_stateful_set_status(STS, namespace, read)
+    assert "StatusUpdate" in {c.type for c in updated.status.conditions or []}, "PUT /status dropped the condition"
+
+    statefulsets.mark("PATCH /status with condition StatusPatched")
+    conditions = [
+        {"type": "StatusUpdate", "status": "True", "reason": "E2E", "message": "set by a test"},
+        {"type": "StatusPatched", "status": "True", "reason": "E2E", "message": "patched by a test"},
+    ]
+    patched = apps.patch_namespaced_stateful_set_status(STS, namespace, {"status": {"conditions": conditions}})
+    assert {"StatusUpdate", "StatusPatched"} <= {c.type for c in patched.status.conditions or []}
+
+    read = apps.read_namespaced_stateful_set_status(STS, namespace)
+    assert {"StatusUpdate", "StatusPatched"} <= {c.type for c in read.status.conditions or []}, (
+        "a later GET /status does not show what was written"
+    )
+    # Nothing changes in the set, so nothing may take back what a client wrote: fail at the write that does.
+    written = lambda objs: {"StatusUpdate", "StatusPatched"} <= condition_types(objs[STS])  # noqa: E731
+    statefulsets.wait_for(written, "the watch to show both conditions")
+    assert statefulsets.stays(written), (
+        f"the conditions written through /status were reverted: {condition_types(statefulsets.snapshot()[0][STS])}"
+    )
+
+
+@pytest.mark.behaviour("api_lifecycle")
+@pytest.mark.conformance("StatefulSet, list, patch and delete a collection of StatefulSets")
+def test_api_lifecycle(api, namespace, pods, statefulsets):
+    apps = client.AppsV1Api(api)
+    token = secrets.token_hex(4)  # this test's own label value: no other object in the cluster carries it
+    selector = f"{LABEL}={token}"
+    create_labelled(api, namespace, replicas=1, labels={LABEL: token})
+    pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
+
+    listed = apps.list_stateful_set_for_all_namespaces(label_selector=selector)
+    found = [(s.metadata.namespace, s.metadata.name) for s in listed.items]
+    assert found == [(namespace, STS)], f"listing all namespaces by {selector} found {found}"
+
+    statefulsets.mark(f"patch label {PATCHED}")
+    patched = apps.patch_namespaced_stateful_set(STS, namespace, {"metadata": {"labels": {PATCHED: "true"}}})
+    assert patched.metadata.labels.get(PATCHED) == "true", "the patch response lacks the patched label"
+    has_label = lambda objs: (objs[STS]["metadata"].get("labels") or {}).get(PATCHED) == "true"  # noqa: E731
+    statefulsets.wait_for(has_label, "the watch to show the patched label")
+    assert statefulsets.stays(has_label), (
+        f"the patched label was taken back: {statefulsets.snapshot()[0][STS]['metadata'].get('labels')}"
+    )
+    listed = apps.list_stateful_set_for_all_namespaces(label_selector=f"{selector},{PATCHED}=true")
+    found = [(s.metadata.namespace, s.metadata.name) for s in listed.items]
+    assert found == [(namespace, STS)], f"listing by the patched label found {found}"
+
+    statefulsets.mark(f"deleteCollection in {namespace} by {selector}")
+    apps.delete_collection_namespaced_stateful_set(namespace, label_selector=selector)
+    statefulsets.wait_for(lambda objs: STS not in objs, "the set to be deleted")
+    pods.wait_for(lambda objs: not owned_pods(objs, STS), "the set's pods to be deleted with it")
+    listed = apps.list_stateful_set_for_all_namespaces(label_selector=selector)
+    assert listed.items == [], f"the set is still listed after deleteCollection: {listed.items}"
