@@ -169,3 +169,19 @@ def test_orphan_adoption(api, namespace, pods):
         f"{name} released",
     )[name]
     assert released["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not released"
+
+
+@pytest.mark.behaviour("service_name_optional")
+def test_service_name_optional(api, namespace, pods):
+    docs = manifests.load("headless-network", namespace, replicas=2)
+    sts = manifests.one(docs, "StatefulSet")
+    del sts["spec"]["serviceName"]
+    manifests.apply(api, [sts])
+    stored = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace)
+    assert not stored.spec.service_name, f"the API stored serviceName {stored.spec.service_name!r}"
+    objs = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
+    for ordinal, pod in owned_pods(objs, STS).items():
+        assert pod["spec"].get("hostname") == pod_name(STS, ordinal), f"{pod_name(STS, ordinal)}: no hostname"
+        assert not pod["spec"].get("subdomain"), (
+            f"{pod_name(STS, ordinal)}: subdomain {pod['spec']['subdomain']!r} with no serviceName"
+        )

@@ -7,7 +7,15 @@ from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import create, is_ready, owned_pods, pod_name, recreate_pod, running_and_ready, scale
+from fixtures.sts import (
+    create,
+    is_ready,
+    owned_pods,
+    pod_name,
+    recreate_pod,
+    running_and_ready,
+    scale,
+)
 
 STS = "sts-xiuxian"
 WEB = "headless-volumeclaimtemplates"
@@ -245,3 +253,35 @@ def test_data_survives_pod_deletion_redis(api, namespace, pods):
         )
     for i in range(3):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "get", "member"]).strip() == f"redis-{i}"
+
+
+@pytest.mark.behaviour("missing_pvc_recreated")
+@pytest.mark.needs("dynamic_storage")
+def test_missing_pvc_recreated(api, namespace, pods, pvcs):
+    # The pod is held unscheduled, so it stays Pending, and the PVC protection does not keep its claim
+    # (only scheduled pods use a claim): deleting the claim leaves a Pending pod with a missing claim,
+    # which the controller must create again.
+    create(api, namespace, WEB, replicas=1, unscheduled=True)
+    name, claim_name = pod_name(STS, 0), claim(0)
+    pod_uid = pods.wait_for(lambda objs: name in objs, f"{name} created")[name]["metadata"]["uid"]
+    claim_uid = pvcs.wait_for(lambda objs: claim_name in objs, f"{claim_name} created")[claim_name]["metadata"]["uid"]
+
+    pvcs.mark(f"delete {claim_name}")
+    core = client.CoreV1Api(api)
+    core.delete_namespaced_persistent_volume_claim(claim_name, namespace)
+    pvcs.wait_for(lambda objs: objs.get(claim_name, {}).get("metadata", {}).get("uid") != claim_uid, "claim gone")
+    # Claims are not what the controller watches; a change to its pod makes it look at the set now
+    # rather than at its next resync (the claim must come back either way).
+    pvcs.mark(f"annotate {name}")
+    core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {"sts-conformance.k8s.io/nudge": "1"}}})
+    pvcs.wait_for(
+        lambda objs: (
+            claim_name in objs
+            and objs[claim_name]["metadata"]["uid"] != claim_uid
+            and not objs[claim_name]["metadata"].get("deletionTimestamp")
+        ),
+        f"{claim_name} created again for the Pending {name}",
+    )
+    pod = pods.snapshot()[0][name]
+    assert pod["metadata"]["uid"] == pod_uid, f"{name} was re-created: the claim must come back for the same pod"
+    assert (pod.get("status") or {}).get("phase") == "Pending", f"the hold failed: {name} is not Pending"
