@@ -27,6 +27,7 @@ def ready_endpoints(slices: dict) -> dict[str, str]:
 
 
 @pytest.mark.behaviour("headless_service")
+@pytest.mark.needs("settable_readiness")
 def test_headless_service(api, namespace, pods, watch):
     slices = watch(
         client.DiscoveryV1Api(api).list_namespaced_endpoint_slice,

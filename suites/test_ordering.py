@@ -99,6 +99,7 @@ def test_ordered_scale_down(api, namespace, pods):
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
+@pytest.mark.needs("settable_readiness")
 def test_scale_halts_unhealthy(api, namespace, pods):
     create(api, namespace, WEB, replicas=3)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
@@ -162,6 +163,7 @@ def test_parallel_policy(api, namespace, pods):
 
 @pytest.mark.behaviour("scale_down_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
+@pytest.mark.needs("settable_readiness")
 def test_scale_down_halts_unhealthy(api, namespace, pods):
     # Upstream's "Scaling" scenario: every pod unhealthy, scale to 0. Only the first pod in deletion
     # order (the highest) may go; any other pod that begins terminating fails the test at that event.
