@@ -65,6 +65,18 @@ def test_ordered_scale_up(api, namespace, pods):
         )
 
 
+def next_to_terminate(i: int):
+    """A condition: pod i is terminating; it fails at the event that shows a lower pod terminating first
+    (the higher ones, released already, may still be listed until their removal is seen)."""
+
+    def check(objs):
+        early = {o for o in terminating_ordinals(objs, STS) if o < i}
+        assert not early, f"pods {sorted(early)} began terminating before {pod_name(STS, i)}"
+        return i in terminating_ordinals(objs, STS)
+
+    return check
+
+
 @pytest.mark.behaviour("ordered_scale_down")
 @pytest.mark.conformance(SCALING)
 def test_ordered_scale_down(api, namespace, pods):
@@ -76,7 +88,7 @@ def test_ordered_scale_down(api, namespace, pods):
     pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
     for i in (3, 2, 1):
-        pods.wait_for(lambda objs, i=i: i in terminating_ordinals(objs, STS), f"{pod_name(STS, i)} terminating")
+        pods.wait_for(next_to_terminate(i), f"{pod_name(STS, i)} terminating")
         assert pods.stays(lambda objs, i=i: terminating_ordinals(objs, STS) == {i}), (
             f"pods {sorted(terminating_ordinals(pods.snapshot()[0], STS))} terminating at once; "
             f"only {pod_name(STS, i)} should be"
