@@ -36,12 +36,14 @@ def create_web(api, namespace, replicas, **spec) -> str:
     return create(api, namespace, "headless-network", replicas, image=OLD, **spec)["metadata"]["name"]
 
 
-def set_image(api, namespace, sts, image) -> None:
+def set_image(api, namespace, sts, image) -> int:
+    """Sets the first container's image; returns the set's generation with it."""
     body = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace)
     container = body.spec.template.spec.containers[0].name
-    client.AppsV1Api(api).patch_namespaced_stateful_set(
+    patched = client.AppsV1Api(api).patch_namespaced_stateful_set(
         sts, namespace, {"spec": {"template": {"spec": {"containers": [{"name": container, "image": mapped(image)}]}}}}
     )
+    return patched.metadata.generation
 
 
 def set_partition(api, namespace, sts, partition) -> None:
@@ -153,10 +155,17 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
     assert {old, new} <= set(history), f"ControllerRevisions {sorted(history)} lack {old} or {new}"
 
     pods.mark("roll back")
-    set_image(api, namespace, sts, OLD)
-    back = settled_status(
-        statefulsets, sts, "the rollback to finish", lambda s: s.get("updateRevision") == old and rolled_out(3)(s)
-    )
+    rollback = set_image(api, namespace, sts, OLD)
+
+    def rolled_back(status):
+        # The first status that has seen the rollback names its revision: it fails there if that is new.
+        if status.get("observedGeneration", 0) >= rollback:
+            assert status.get("updateRevision") == old, (
+                f"the rollback got the update revision {status.get('updateRevision')}, not the old {old}"
+            )
+        return status.get("updateRevision") == old and rolled_out(3)(status)
+
+    back = settled_status(statefulsets, sts, "the rollback to finish", rolled_back)
     assert back["currentRevision"] == old, "the rollback did not re-use the old ControllerRevision name"
     pods.wait_for(all_at(sts, range(3), old), "pods back at the old revision")
     after = _controller_revisions(api, namespace, sts)
