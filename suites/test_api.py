@@ -107,9 +107,25 @@ def test_status_subresource(api, namespace, pods, statefulsets):
     )
 
 
+def patched_label(obj) -> dict:
+    return {PATCHED: (obj["metadata"].get("labels") or {}).get(PATCHED)}
+
+
+def kept_once_shown(events) -> bool:
+    """Fails at the first event that shows the set without the patched label after one showed it."""
+    shown = False
+    for event in events:
+        if event.type in ("ADDED", "MODIFIED") and event.name == STS:
+            assert not (shown and event.state[PATCHED] != "true"), (
+                f"the patched label was taken back (event #{event.seq})"
+            )
+            shown = shown or event.state[PATCHED] == "true"
+    return shown
+
+
 @pytest.mark.behaviour("api_lifecycle")
 @pytest.mark.conformance("StatefulSet, list, patch and delete a collection of StatefulSets")
-def test_api_lifecycle(api, namespace, pods, statefulsets):
+def test_api_lifecycle(api, namespace, pods, statefulsets, watch):
     apps = client.AppsV1Api(api)
     token = secrets.token_hex(4)  # this test's own label value: no other object in the cluster carries it
     selector = f"{LABEL}={token}"
@@ -120,11 +136,13 @@ def test_api_lifecycle(api, namespace, pods, statefulsets):
     found = [(s.metadata.namespace, s.metadata.name) for s in listed.items]
     assert found == [(namespace, STS)], f"listing all namespaces by {selector} found {found}"
 
+    # The label's history: a write that takes it back may come before a wait looks at the set.
+    labels = watch(apps.list_namespaced_stateful_set, "statefulset labels", patched_label)
     statefulsets.mark(f"patch label {PATCHED}")
     patched = apps.patch_namespaced_stateful_set(STS, namespace, {"metadata": {"labels": {PATCHED: "true"}}})
     assert patched.metadata.labels.get(PATCHED) == "true", "the patch response lacks the patched label"
     has_label = lambda objs: (objs[STS]["metadata"].get("labels") or {}).get(PATCHED) == "true"  # noqa: E731
-    statefulsets.wait_for(has_label, "the watch to show the patched label")
+    labels.wait_for(lambda objs: kept_once_shown(labels.events) and has_label(objs), "the watch to show the label")
     assert statefulsets.stays(has_label), (
         f"the patched label was taken back: {statefulsets.snapshot()[0][STS]['metadata'].get('labels')}"
     )
