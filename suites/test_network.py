@@ -7,7 +7,7 @@ from fixtures import manifests
 from fixtures.execs import sh
 from fixtures.recorder import generic_state
 from fixtures.resolver import resolver_for
-from fixtures.sts import create, is_ready, pod_name, recreate_pod, running_and_ready
+from fixtures.sts import create, is_ready, owned_pods, pod_name, recreate_pod, running_and_ready
 from fixtures.waits import eventually
 
 STS = "sts-xiuxian"
@@ -40,13 +40,26 @@ def test_headless_service(api, namespace, pods, watch, readiness):
 
     objs = pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
     expected = {pod_name(STS, i): objs[pod_name(STS, i)]["status"]["podIP"] for i in range(3)}
-    slices.wait_for(lambda s: ready_endpoints(s) == expected, f"EndpointSlices to list {expected} by hostname")
+    slices.wait_for(listing_by_hostname(expected), f"EndpointSlices to list {expected} by hostname")
 
     pods.mark(f"make {pod_name(STS, 1)} unready")
     readiness.set(pod_name(STS, 1), False)
     pods.wait_for(lambda o: not is_ready(o[pod_name(STS, 1)]), "pod 1 unready")
     del expected[pod_name(STS, 1)]
-    slices.wait_for(lambda s: ready_endpoints(s) == expected, "the unready pod to leave the ready endpoints")
+    slices.wait_for(listing_by_hostname(expected), "the unready pod to leave the ready endpoints")
+
+
+def listing_by_hostname(expected: dict[str, str]):
+    """A slices condition: the ready endpoints are `expected`; it fails at the slice that lists a ready
+    endpoint without a hostname (a pod's hostname is fixed at its creation: it cannot come later)."""
+
+    def check(slices: dict) -> bool:
+        found = ready_endpoints(slices)
+        nameless = sorted(name for name in found if name.startswith("<no hostname"))
+        assert not nameless, f"the Service lists ready endpoints without a hostname: {nameless}"
+        return found == expected
+
+    return check
 
 
 @pytest.mark.behaviour("pod_dns_records")
@@ -57,6 +70,11 @@ def test_pod_dns_records(api, cluster, namespace, pods, wait_timeout):
         pytest.skip("this cluster's DNS can be asked neither directly nor from a pod")
     create(api, namespace, "headless-network", replicas=3)
     objs = pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
+    for ordinal, pod in owned_pods(objs, STS).items():  # a pod's A record is its hostname under its subdomain
+        hostname, subdomain = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
+        assert (hostname, subdomain) == (pod_name(STS, ordinal), SVC), (
+            f"{pod_name(STS, ordinal)} has hostname {hostname!r} and subdomain {subdomain!r}: no record can name it"
+        )
     domain = f"{SVC}.{namespace}.svc.{resolver.zone}"
     ips = {pod_name(STS, i): objs[pod_name(STS, i)]["status"]["podIP"] for i in range(3)}
 
