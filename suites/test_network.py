@@ -7,7 +7,7 @@ from fixtures import manifests
 from fixtures.execs import sh
 from fixtures.recorder import generic_state
 from fixtures.resolver import resolver_for
-from fixtures.sts import create, is_ready, pod_name, recreate_pod, running_and_ready, set_ready
+from fixtures.sts import create, is_ready, pod_name, recreate_pod, running_and_ready
 from fixtures.waits import eventually
 
 STS = "sts-xiuxian"
@@ -27,15 +27,14 @@ def ready_endpoints(slices: dict) -> dict[str, str]:
 
 
 @pytest.mark.behaviour("headless_service")
-@pytest.mark.needs("settable_readiness")
-def test_headless_service(api, namespace, pods, watch):
+def test_headless_service(api, namespace, pods, watch, readiness):
     slices = watch(
         client.DiscoveryV1Api(api).list_namespaced_endpoint_slice,
         "endpointslices",
         generic_state,
         label_selector=f"kubernetes.io/service-name={SVC}",
     )
-    create(api, namespace, "headless-network", replicas=3)
+    create(api, namespace, "headless-network", replicas=3, readiness_switch=True)
     service = client.CoreV1Api(api).read_namespaced_service(SVC, namespace)
     assert service.spec.cluster_ip == "None", "the governing Service is not headless"
 
@@ -44,7 +43,7 @@ def test_headless_service(api, namespace, pods, watch):
     slices.wait_for(lambda s: ready_endpoints(s) == expected, f"EndpointSlices to list {expected} by hostname")
 
     pods.mark(f"make {pod_name(STS, 1)} unready")
-    set_ready(api, namespace, pod_name(STS, 1), False)
+    readiness.set(pod_name(STS, 1), False)
     pods.wait_for(lambda o: not is_ready(o[pod_name(STS, 1)]), "pod 1 unready")
     del expected[pod_name(STS, 1)]
     slices.wait_for(lambda s: ready_endpoints(s) == expected, "the unready pod to leave the ready endpoints")

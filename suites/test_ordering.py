@@ -6,6 +6,7 @@ Every order is read from a pod watch opened before the test acted (the `pods` re
 import pytest
 from kubernetes import client
 
+from fixtures.readiness import write_ready, write_running_unready
 from fixtures.sts import (
     added,
     became_ready,
@@ -20,8 +21,6 @@ from fixtures.sts import (
     running_and_ready,
     running_not_ready,
     scale,
-    set_ready,
-    set_running_unready,
     terminating_ordinals,
 )
 
@@ -43,13 +42,13 @@ def test_ordered_scale_up(api, namespace, pods):
             only_up_to_i = lambda objs, i=i: set(owned_pods(objs, STS)) == set(range(i + 1))  # noqa: E731
             assert pods.stays(only_up_to_i), f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was Pending"
             pods.mark(f"{pod_name(STS, i)} Running, not Ready")
-            set_running_unready(api, namespace, pod_name(STS, i))
+            write_running_unready(api, namespace, pod_name(STS, i))
             pods.wait_for(lambda objs, i=i: running_not_ready(objs[pod_name(STS, i)]), f"{pod_name(STS, i)} Running")
             assert pods.stays(only_up_to_i), (
                 f"{pod_name(STS, i + 1)} was created while {pod_name(STS, i)} was Running but not Ready"
             )
             pods.mark(f"{pod_name(STS, i)} Ready")
-            set_ready(api, namespace, pod_name(STS, i), True)
+            write_ready(api, namespace, pod_name(STS, i), True)
         else:
             pods.mark(f"release {pod_name(STS, i)}")
             release_gate(api, namespace, pod_name(STS, i))
@@ -99,24 +98,23 @@ def test_ordered_scale_down(api, namespace, pods):
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
-@pytest.mark.needs("settable_readiness")
-def test_scale_halts_unhealthy(api, namespace, pods):
-    create(api, namespace, WEB, replicas=3)
+def test_scale_halts_unhealthy(api, namespace, pods, readiness):
+    create(api, namespace, WEB, replicas=3, readiness_switch=True)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("make pod 1 unready, scale to 5")
-    set_ready(api, namespace, pod_name(STS, 1), False)
+    readiness.set(pod_name(STS, 1), False)
     pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 1)]), "pod 1 unready")
     scale(api, namespace, STS, 5)
     assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}), "scale-up went on while pod 1 was unready"
 
     pods.mark("make pod 1 ready again")
-    set_ready(api, namespace, pod_name(STS, 1), True)
+    readiness.set(pod_name(STS, 1), True)
     pods.wait_for(running_and_ready(STS, range(5)), "scale-up to resume up to 5 pods")
 
     # Pod 0 stays in range (scale to 2), so while it is unready no pod may be removed.
     pods.mark("make pod 0 unready, scale to 2")
-    set_ready(api, namespace, pod_name(STS, 0), False)
+    readiness.set(pod_name(STS, 0), False)
     pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 0)]), "pod 0 unready")
     scale(api, namespace, STS, 2)
     assert pods.stays(
@@ -127,7 +125,7 @@ def test_scale_halts_unhealthy(api, namespace, pods):
     ), "scale-down went on while pod 0 was unready"
 
     pods.mark("make pod 0 ready again")
-    set_ready(api, namespace, pod_name(STS, 0), True)
+    readiness.set(pod_name(STS, 0), True)
     pods.wait_for(running_and_ready(STS, range(2)), "scale-down to resume down to 2 pods")
 
 
@@ -163,15 +161,14 @@ def test_parallel_policy(api, namespace, pods):
 
 @pytest.mark.behaviour("scale_down_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
-@pytest.mark.needs("settable_readiness")
-def test_scale_down_halts_unhealthy(api, namespace, pods):
+def test_scale_down_halts_unhealthy(api, namespace, pods, readiness):
     # Upstream's "Scaling" scenario: every pod unhealthy, scale to 0. Only the first pod in deletion
     # order (the highest) may go; any other pod that begins terminating fails the test at that event.
-    create(api, namespace, WEB, replicas=3)
+    create(api, namespace, WEB, replicas=3, readiness_switch=True)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
     pods.mark("make every pod unready")
     for i in range(3):
-        set_ready(api, namespace, pod_name(STS, i), False)
+        readiness.set(pod_name(STS, i), False)
     pods.wait_for(lambda objs: not any(is_ready(p) for p in owned_pods(objs, STS).values()), "every pod unready")
 
     pods.mark("scale to 0")
@@ -193,7 +190,7 @@ def test_scale_down_halts_unhealthy(api, namespace, pods):
     # may go at any moment (seen: a loaded controller deleted it 1.7 s after the scale, after the
     # quiet window, while this loop patched it: 404): it needs no readiness to leave.
     for i in (0, 1):
-        set_ready(api, namespace, pod_name(STS, i), True)
+        readiness.set(pod_name(STS, i), True)
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "scale-down to resume down to 0 pods")
 
 

@@ -6,6 +6,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
+from fixtures.backends import kind_addons
 from fixtures.execs import run_in, sh
 from fixtures.sts import (
     create,
@@ -160,11 +161,18 @@ def test_pvc_retention_policy(api, namespace, pods, pvcs, when_scaled, when_dele
 
 
 @pytest.fixture
-def static_pvs(api, namespace):
-    """Seed 001's four NFS PVs (1Gi, 2Gi, 2Gi, 2Gi), named and labelled for this test only."""
+def static_pvs(api, cluster, namespace):
+    """Seed 001's four NFS PVs (1Gi, 2Gi, 2Gi, 2Gi), named and labelled for this test only. Where pods
+    really mount them, they point at directories of the run's own NFS server, not the seed's LAN host."""
     core = client.CoreV1Api(api)
+    docs = manifests.load_cluster_scoped("static-nfs-pvs")
+    if cluster.capabilities.containers:
+        server = cluster.details.get("nfs server")
+        if not server:
+            pytest.skip("static NFS PVs need an NFS server this run started (kind starts one where NFS mounts)")
+        kind_addons.serve_static_pvs(api, server, namespace, docs)
     created = []
-    for doc in manifests.load_cluster_scoped("static-nfs-pvs"):
+    for doc in docs:
         doc["metadata"]["name"] = f"{namespace}-{doc['metadata']['name']}"
         doc["metadata"]["labels"]["sts-conformance.k8s.io/namespace"] = namespace
         created.append(core.create_persistent_volume(doc).metadata.name)
