@@ -198,7 +198,10 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, readiness):
         )
 
     pods.mark("make the remaining pods ready again")
-    for i in sorted(set(owned_pods(pods.snapshot()[0], STS)) - terminating_ordinals(pods.snapshot()[0], STS)):
+    # Pods 0 and 1 were just seen present and not terminating, and may not go while unhealthy. Pod 2
+    # may go at any moment (seen: a loaded controller deleted it 1.7 s after the scale, after the
+    # quiet window, while this loop patched it: 404): it needs no readiness to leave.
+    for i in (0, 1):
         readiness.set(pod_name(STS, i), True)
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "scale-down to resume down to 0 pods")
 
