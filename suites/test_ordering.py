@@ -18,10 +18,13 @@ from fixtures.sts import (
     pod_name,
     release_finalizer,
     release_gate,
+    replaced,
     running_and_ready,
     running_not_ready,
     scale,
+    set_phase,
     terminating_ordinals,
+    untouched,
 )
 
 STS = "sts-xiuxian"
@@ -204,6 +207,38 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, readiness):
     for i in (0, 1):
         readiness.set(pod_name(STS, i), True)
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "scale-down to resume down to 0 pods")
+
+
+@pytest.mark.behaviour("predecessor_failure_no_deadlock")
+@pytest.mark.parametrize("failure", ["deleted", "Failed"])
+def test_predecessor_failure_no_deadlock(api, namespace, pods, readiness, failure):
+    # Upstream's scenario: pod 1 unready, then pod 0 goes. Pod 0 is first in order, so the unready
+    # pod 1 must not keep it from coming back, nor be replaced itself.
+    create(api, namespace, WEB, replicas=2, readiness_switch=True)
+    objs = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
+    first, second = pod_name(STS, 0), pod_name(STS, 1)
+    uids = {name: objs[name]["metadata"]["uid"] for name in (first, second)}
+    pods.mark(f"make {second} unready")
+    readiness.set(second, False)
+    pods.wait_for(lambda objs: not is_ready(objs[second]), f"{second} unready")
+
+    pods.mark(f"{first} {failure}")
+    if failure == "deleted":
+        client.CoreV1Api(api).delete_namespaced_pod(first, namespace)
+    else:
+        set_phase(api, namespace, first, "Failed")
+
+    def second_untouched(objs) -> bool:
+        assert untouched(objs, second, uids[second]), f"the unready {second} was deleted or replaced"
+        return True
+
+    pods.wait_for(
+        lambda objs: second_untouched(objs) and replaced(objs, first, uids[first]) and is_ready(objs[first]),
+        f"{first} re-created and Ready while {second} is unready",
+    )
+    pods.mark(f"make {second} ready again")
+    readiness.set(second, True)
+    pods.wait_for(lambda objs: second_untouched(objs) and running_and_ready(STS, range(2))(objs), "the set to converge")
 
 
 @pytest.mark.behaviour("delete_not_ordered")
