@@ -75,6 +75,22 @@ def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
     return statefulsets.wait_for_value(ready, what)
 
 
+def patch_spec(api, namespace, sts, spec) -> int:
+    """Patches the set's spec; returns the generation the controller must then observe."""
+    return client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": spec}).metadata.generation
+
+
+def observed_status(statefulsets, sts, generation, what) -> dict:
+    """The first status that observed `generation`: the controller writes observedGeneration with the
+    status it computed for that spec, so what that spec decides must show there already."""
+
+    def observed(objs):
+        status = (objs.get(sts) or {}).get("status") or {}
+        return status if status.get("observedGeneration", 0) >= generation else None
+
+    return statefulsets.wait_for_value(observed, what)
+
+
 def rolled_out(replicas):
     return lambda s: (
         s.get("updatedReplicas") == replicas
@@ -368,3 +384,22 @@ def test_revision_history_limit(api, namespace, pods, statefulsets, watch):
     kept = set(seen[-1 - limit :])
     history.wait_for(lambda objs: set(objs) == kept, f"ControllerRevisions pruned to {sorted(kept)}")
     assert history.stays(lambda objs: set(objs) == kept), f"ControllerRevisions changed: {sorted(history.objects)}"
+
+
+@pytest.mark.behaviour("min_ready_live_change")
+def test_min_ready_live_change(api, namespace, pods, statefulsets):
+    # Pods Ready for a few seconds are available under minReadySeconds 0 and not under an hour, so each
+    # change decides availableReplicas at once: the first status that observes it must show it.
+    hour = 3600
+    sts = create_web(api, namespace, 2, podManagementPolicy="Parallel", minReadySeconds=hour)
+    pods.wait_for(running_and_ready(sts, range(2)), "2 pods Ready")
+    status = settled_status(statefulsets, sts, "readyReplicas 2", lambda s: s.get("readyReplicas") == 2)
+    assert status.get("availableReplicas", 0) == 0, f"pods Ready for seconds counted available under {hour}s"
+    for min_ready, available in ((0, 2), (hour, 0)):
+        statefulsets.mark(f"minReadySeconds {min_ready}")
+        generation = patch_spec(api, namespace, sts, {"minReadySeconds": min_ready})
+        status = observed_status(statefulsets, sts, generation, f"the status of minReadySeconds {min_ready}")
+        assert status.get("readyReplicas") == 2, f"a pod stopped being Ready: {status}"
+        assert status.get("availableReplicas", 0) == available, (
+            f"minReadySeconds {min_ready}: availableReplicas {status.get('availableReplicas', 0)}, expected {available}"
+        )
