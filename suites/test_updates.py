@@ -10,6 +10,7 @@ from fixtures.images.imagemap import mapped, upstream_of
 from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
+    HOLD_GATE,
     began_terminating,
     create,
     is_ready,
@@ -21,6 +22,7 @@ from fixtures.sts import (
     running_and_ready,
     status_written_at,
     terminating_ordinals,
+    untouched,
 )
 
 ROUND = "sts-conformance.k8s.io/round"  # a template annotation: each new value is a new revision
@@ -78,6 +80,14 @@ def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
 def patch_spec(api, namespace, sts, spec) -> int:
     """Patches the set's spec; returns the generation the controller must then observe."""
     return client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": spec}).metadata.generation
+
+
+def hold_template(api, namespace, sts, held: bool) -> int:
+    """Gives the template a scheduling gate (its pods never get scheduled, so never Ready: a broken
+    revision) or takes it away again (the template as before, so the revision it had); returns the
+    generation to observe."""
+    gates = [{"name": HOLD_GATE}] if held else None
+    return patch_spec(api, namespace, sts, {"template": {"spec": {"schedulingGates": gates}}})
 
 
 def observed_status(statefulsets, sts, generation, what) -> dict:
@@ -403,3 +413,63 @@ def test_min_ready_live_change(api, namespace, pods, statefulsets):
         assert status.get("availableReplicas", 0) == available, (
             f"minReadySeconds {min_ready}: availableReplicas {status.get('availableReplicas', 0)}, expected {available}"
         )
+
+
+@pytest.mark.behaviour("forced_rollback")
+def test_forced_rollback(api, namespace, pods, statefulsets):
+    sts = create_web(api, namespace, 3)
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    good = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
+    kept = {i: objs[pod_name(sts, i)]["metadata"]["uid"] for i in (0, 1)}
+
+    top = pod_name(sts, 2)
+
+    def lower_pods_kept(objs) -> bool:
+        return all(untouched(objs, pod_name(sts, i), uid) for i, uid in kept.items())
+
+    def lower_pods_untouched(objs) -> bool:  # a wait's guard: fails at the event that replaces one
+        assert lower_pods_kept(objs), f"pods 0 and 1 were replaced, but {top} never got Ready"
+        return True
+
+    pods.mark("break the template (its pods are never scheduled)")
+    hold_template(api, namespace, sts, held=True)
+    pods.wait_for(
+        lambda o: lower_pods_untouched(o) and top in o and revisions(o, sts)[2] != good and not is_ready(o[top]),
+        f"{top} re-created at the broken revision",
+    )
+    assert pods.stays(lower_pods_kept), f"the rollout went on past {top}, which never got Ready"
+
+    pods.mark("revert the template")
+    generation = hold_template(api, namespace, sts, held=False)
+    status = observed_status(statefulsets, sts, generation, "the status of the reverted template")
+    assert status.get("updateRevision") == good, (
+        f"the reverted template's update revision is {status.get('updateRevision')}, not the old {good}"
+    )
+    recreate_pod(
+        api,
+        pods,
+        top,
+        until=lambda o: lower_pods_untouched(o) and all_at(sts, range(3), good)(o),
+        what="every pod back at the old revision and Ready",
+    )
+    settled_status(
+        statefulsets, sts, "the rollback to finish", lambda s: rolled_out(3)(s) and s.get("currentRevision") == good
+    )
+
+
+@pytest.mark.behaviour("parallel_broken_revision_recovers")
+def test_parallel_broken_revision_recovers(api, namespace, pods, statefulsets):
+    # kubernetes#137409: the first revision's pods never get Ready (held unscheduled), then the template
+    # is fixed. They are unavailable already, so replacing them costs nothing: the rollout must finish.
+    sts = create_web(api, namespace, 3, podManagementPolicy="Parallel", unscheduled=True)
+    pods.wait_for(lambda o: set(owned_pods(o, sts)) == {0, 1, 2}, "3 pods of the broken revision")
+    broken = settled_status(statefulsets, sts, "status", lambda s: s.get("replicas") == 3)["updateRevision"]
+
+    pods.mark("fix the template")
+    generation = hold_template(api, namespace, sts, held=False)
+    fixed = observed_status(statefulsets, sts, generation, "the status of the fixed template")["updateRevision"]
+    assert fixed != broken, "fixing the template made no new update revision"
+    pods.wait_for(all_at(sts, range(3), fixed), "every pod replaced at the fixed revision and Ready")
+    settled_status(
+        statefulsets, sts, "the rollout to finish", lambda s: rolled_out(3)(s) and s.get("currentRevision") == fixed
+    )
