@@ -1,5 +1,7 @@
 """Stable storage: one claim per pod from volumeClaimTemplates, retained by default, re-used, and the
-retention policy; static NFS PVs bound by size (seed 001)."""
+retention policy; static NFS PVs bound by size (seed 001); templates that cannot change."""
+
+import json
 
 import pytest
 from kubernetes import client
@@ -293,3 +295,41 @@ def test_missing_pvc_recreated(api, namespace, pods, pvcs):
     pod = pods.snapshot()[0][name]
     assert pod["metadata"]["uid"] == pod_uid, f"{name} was re-created: the claim must come back for the same pod"
     assert (pod.get("status") or {}).get("phase") == "Pending", f"the hold failed: {name} is not Pending"
+
+
+# Edits of a live set's claim templates: a bigger request, and a second template.
+CLAIM_TEMPLATE_EDITS = {
+    "bigger-request": [
+        {"op": "replace", "path": "/spec/volumeClaimTemplates/0/spec/resources/requests/storage", "value": "3Gi"}
+    ],
+    "added-template": [
+        {
+            "op": "add",
+            "path": "/spec/volumeClaimTemplates/-",
+            "value": {
+                "metadata": {"name": "logs"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        }
+    ],
+}
+
+
+@pytest.mark.behaviour("claim_templates_immutable")
+@pytest.mark.parametrize("edit", list(CLAIM_TEMPLATE_EDITS))
+def test_claim_templates_immutable(api, namespace, edit):
+    # kube-apiserver decides: 1.36 forbids spec changes outside its list (field "spec"), 1.37 says
+    # spec.volumeClaimTemplates is immutable; no release through 1.37 has KEP-4650's gate to allow it.
+    apps = client.AppsV1Api(api)
+    create(api, namespace, WEB, replicas=1)
+    before = apps.read_namespaced_stateful_set(STS, namespace).spec.volume_claim_templates
+    try:
+        apps.patch_namespaced_stateful_set(STS, namespace, CLAIM_TEMPLATE_EDITS[edit])
+    except ApiException as error:
+        assert error.status == 422, f"the edit was refused with {error.status} {error.reason}, not 422 Invalid"
+        fields = {c.get("field") for c in (json.loads(error.body).get("details") or {}).get("causes") or []}
+        assert fields & {"spec", "spec.volumeClaimTemplates"}, f"refused for another field: {error.body}"
+    else:
+        raise AssertionError(f"the API accepted an edit of volumeClaimTemplates ({edit})")
+    after = apps.read_namespaced_stateful_set(STS, namespace).spec.volume_claim_templates
+    assert after == before, "the stored claim templates changed although the edit was refused"
