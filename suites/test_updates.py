@@ -20,6 +20,7 @@ from fixtures.sts import (
     recreate_pod,
     release_finalizer,
     running_and_ready,
+    set_phase,
     status_written_at,
     terminating_ordinals,
     untouched,
@@ -246,6 +247,63 @@ def test_partition(api, namespace, pods, statefulsets, replicas, partition):
         sts,
         "the rollout to finish",
         lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new,
+    )
+
+
+@pytest.mark.behaviour("partition_with_failing_pod")
+@pytest.mark.parametrize("fails", [False, True], ids=["held-by-finalizer", "container-fails"])
+def test_partition_with_failing_pod(api, namespace, pods, statefulsets, fails):
+    # Upstream's "partiton1 and delete pod-0" specs: pod 0, below the partition, is deleted while a
+    # finalizer holds it, and in the second its container then fails (phase Failed). While it is gone
+    # the rollout is not complete (kubernetes#119685 completed it, and pod 0 came back updated).
+    sts = create_web(api, namespace, 3, updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": 1}})
+    pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    old = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
+    first = pod_name(sts, 0)
+    client.CoreV1Api(api).patch_namespaced_pod(first, namespace, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+
+    pods.mark("update image, partition 1")
+    set_image(api, namespace, sts, NEW)
+    new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
+        "updateRevision"
+    ]
+    split = {0: old, 1: new, 2: new}
+    objs = pods.wait_for(
+        lambda o: running_and_ready(sts, range(3))(o) and revisions(o, sts) == split, "pods 1 and 2 updated, 0 old"
+    )
+    uids = {i: objs[pod_name(sts, i)]["metadata"]["uid"] for i in range(3)}
+
+    pods.mark(f"delete {first}" + (", its container fails" if fails else ""))
+    client.CoreV1Api(api).delete_namespaced_pod(first, namespace)
+    if fails:
+        set_phase(api, namespace, first, "Failed")
+    phase = "Failed" if fails else "Running"
+    pods.wait_for(
+        lambda o: 0 in terminating_ordinals(o, sts) and (o[first].get("status") or {}).get("phase") == phase,
+        f"{first} terminating, {phase}",
+    )
+    rollout_open = lambda o: ((o.get(sts) or {}).get("status") or {}).get("currentRevision") == old  # noqa: E731
+    assert statefulsets.stays(rollout_open), (
+        f"the status completed the rollout while {first}, below the partition, was gone: "
+        f"{statefulsets.snapshot()[0][sts].get('status')}"
+    )
+
+    def back_at_old(objs) -> bool:  # fails at the event that replaces pod 1 or 2, or brings pod 0 back updated
+        for i in (1, 2):
+            assert untouched(objs, pod_name(sts, i), uids[i]), f"{pod_name(sts, i)} was replaced"
+        if first not in objs or objs[first]["metadata"]["uid"] == uids[0]:
+            return False
+        assert revisions(objs, sts)[0] == old, f"{first} came back at the new revision, below the partition"
+        return is_ready(objs[first])
+
+    pods.mark(f"release {first}")
+    release_finalizer(api, namespace, first)
+    pods.wait_for(back_at_old, f"{first} back at the old revision and Ready")
+    settled_status(
+        statefulsets,
+        sts,
+        "the status of the partitioned rollout",
+        lambda s: s.get("readyReplicas") == 3 and s.get("updatedReplicas") == 2 and s.get("currentRevision") == old,
     )
 
 
