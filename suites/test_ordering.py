@@ -3,6 +3,8 @@
 Every order is read from a pod watch opened before the test acted (the `pods` recorder).
 """
 
+from itertools import pairwise
+
 import pytest
 from kubernetes import client
 
@@ -28,6 +30,7 @@ from fixtures.sts import (
 )
 
 STS = "sts-xiuxian"
+STORAGE_WEB = "headless-volumeclaimtemplates"  # the same set with one claim per pod (data-<set>-<ordinal>)
 SCALING = "StatefulSet, Scaling"  # the conformance entry the ordering tests cover
 WEB = "headless-network"  # the manifest: podManagementPolicy left to its default, OrderedReady
 
@@ -239,6 +242,55 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, readiness, failur
     pods.mark(f"make {second} ready again")
     readiness.set(second, True)
     pods.wait_for(lambda objs: second_untouched(objs) and running_and_ready(STS, range(2))(objs), "the set to converge")
+
+
+def window_move(before: set[int], window: range):
+    """A pod recorder condition for a move of the ordinal window from `before` to `window`: true once
+    exactly the window's pods are Running and Ready; fails at the first state that breaks the order
+    (the new pods come as a scale-up, in ascending order, each after the previous one is Ready; the
+    old ones go only after every new one is Ready, as a scale-down, the highest first)."""
+    coming, going = sorted(set(window) - before), sorted(before - set(window), reverse=True)
+
+    def check(objs) -> bool:
+        present = owned_pods(objs, STS)
+        ready = {i for i, pod in present.items() if is_ready(pod)}
+        for lower, higher in pairwise(coming):
+            assert higher not in present or lower in ready, f"pod {higher} was created before pod {lower} was Ready"
+        leaving = [i for i in going if i not in present or present[i]["metadata"].get("deletionTimestamp")]
+        assert not leaving or set(coming) <= ready, f"pods {leaving} went before every new pod was Ready"
+        for higher, lower in pairwise(going):
+            assert not (lower in leaving and higher in present), f"pod {lower} went before pod {higher} was gone"
+        return running_and_ready(STS, window)(objs)
+
+    return check
+
+
+@pytest.mark.behaviour("start_ordinal_changes")
+@pytest.mark.needs("dynamic_storage")
+def test_start_ordinal_changes(api, namespace, pods, pvcs):
+    # Upstream's StatefulSetStartOrdinal specs on one live set: start raised (0 -> 2), lowered (2 -> 1)
+    # and removed. Each claim follows its ordinal and is kept (default Retain), so a returning ordinal
+    # gets its own claim back.
+    create(api, namespace, STORAGE_WEB, replicas=2)
+    pods.wait_for(running_and_ready(STS, range(2)), "pods 0 and 1")
+    claims: dict[str, str] = {}  # claim name -> the UID it was first created with
+    for start, window in ((2, range(2, 4)), (1, range(1, 3)), (None, range(0, 2))):
+        before = set(owned_pods(pods.snapshot()[0], STS))
+        pods.mark(f"ordinals.start {start}")
+        client.AppsV1Api(api).patch_namespaced_stateful_set(
+            STS, namespace, {"spec": {"ordinals": None if start is None else {"start": start}}}
+        )
+        objs = pods.wait_for(window_move(before, window), f"the window to move to pods {list(window)}")
+        present = pvcs.snapshot()[0]
+        for i in window:
+            name = f"data-{STS}-{i}"
+            volumes = objs[pod_name(STS, i)]["spec"].get("volumes") or []
+            assert any((v.get("persistentVolumeClaim") or {}).get("claimName") == name for v in volumes), (
+                f"{pod_name(STS, i)} does not mount {name}"
+            )
+            assert name in present, f"no claim {name} for {pod_name(STS, i)}"
+            uid = claims.setdefault(name, present[name]["metadata"]["uid"])
+            assert present[name]["metadata"]["uid"] == uid, f"{name} was replaced instead of re-used"
 
 
 @pytest.mark.behaviour("delete_not_ordered")
