@@ -19,6 +19,7 @@ from fixtures.sts import (
     ready_since,
     recreate_pod,
     release_finalizer,
+    replaced,
     running_and_ready,
     set_phase,
     status_written_at,
@@ -370,6 +371,56 @@ def test_max_unavailable(api, namespace, pods, statefulsets):
     for name, pod in pods.snapshot()[0].items():
         if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
             release_finalizer(api, namespace, name)
+
+
+def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
+    """Exactly the pods `down` are taken down (held Terminating) and no other follows."""
+    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= len(down), f"{len(down)} pods taken down")
+    if not pods.stays(lambda o: terminating_ordinals(o, sts) == down):
+        seen = sorted(terminating_ordinals(pods.snapshot()[0], sts))
+        raise AssertionError(f"expected exactly pods {sorted(down)} down ({why}), saw {seen}")
+
+
+@pytest.mark.behaviour("max_unavailable_percent")
+def test_max_unavailable_percent(api, namespace, pods, statefulsets):
+    # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
+    gate, version = "MaxUnavailableStatefulSet", server_version(api)
+    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    if expected == "absent":
+        pytest.skip(why)
+    sts = create_web(
+        api,
+        namespace,
+        5,
+        on_delete=True,
+        podManagementPolicy="Parallel",
+        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "50%"}},
+    )
+    stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
+    if expected == "off":
+        assert stored.max_unavailable is None, f"the API kept rollingUpdate.maxUnavailable, but {why}"
+        return  # the gate is off as this version promises: the field is dropped, there is nothing to roll
+    assert stored.max_unavailable == "50%", f"the API stored maxUnavailable {stored.max_unavailable!r}; {why}"
+    pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
+
+    pods.mark("update image (maxUnavailable 50%)")
+    set_image(api, namespace, sts, NEW)
+    expect_taken_down(pods, sts, {3, 4}, "50% of 5 rounds down to 2")
+
+    pods.mark("maxUnavailable 10%")
+    generation = patch_spec(
+        api, namespace, sts, {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}}
+    )
+    observed_status(statefulsets, sts, generation, "the status of maxUnavailable 10%")
+    pods.mark("release pods 3 and 4")
+    uids = {i: pods.snapshot()[0][pod_name(sts, i)]["metadata"]["uid"] for i in (3, 4)}
+    for i in (3, 4):
+        release_finalizer(api, namespace, pod_name(sts, i))
+    pods.wait_for(
+        lambda o: all(replaced(o, pod_name(sts, i), uids[i]) and is_ready(o[pod_name(sts, i)]) for i in (3, 4)),
+        "pods 3 and 4 re-created and Ready",
+    )
+    expect_taken_down(pods, sts, {2}, "10% of 5 rounds down to 0, and at least 1 goes")
 
 
 @pytest.mark.behaviour("min_ready_available")
