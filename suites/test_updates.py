@@ -335,55 +335,10 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert images(objs, sts)[1] == NEW
 
 
-@pytest.mark.behaviour("max_unavailable")
-def test_max_unavailable(api, namespace, pods, statefulsets):
-    gate, version = "MaxUnavailableStatefulSet", server_version(api)
-    expected, why = versions.expect(gate, version), versions.reason(gate, version)
-    if expected == "absent":
-        pytest.skip(why)
-    sts = create(
-        api,
-        namespace,
-        "headless-network",
-        replicas=5,
-        on_delete=True,
-        podManagementPolicy="Parallel",
-        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}},
-    )["metadata"]["name"]
-    stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
-    kept = stored.max_unavailable is not None
-    if expected == "off":
-        assert not kept, f"the API kept rollingUpdate.maxUnavailable, but {why}"
-        return  # the gate is off as this version promises: the field is dropped, there is nothing to roll
-    assert kept, f"the API dropped rollingUpdate.maxUnavailable, but {why}"
-    pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
-
-    # Deleted pods stay Terminating (held), so the controller's choice of how many to take down at once
-    # is visible: exactly maxUnavailable, from the top.
-    pods.mark("update image")
-    set_image(api, namespace, sts, NEW)
-
-    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= 2, "2 pods taken down")
-    assert pods.stays(lambda o: terminating_ordinals(o, sts) == {3, 4}), (
-        f"expected exactly pods 3 and 4 down, saw {sorted(terminating_ordinals(pods.snapshot()[0], sts))}"
-    )
-    pods.mark("release the held pods")
-    for name, pod in pods.snapshot()[0].items():
-        if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
-            release_finalizer(api, namespace, name)
-
-
-def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
-    """Exactly the pods `down` are taken down (held Terminating) and no other follows."""
-    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= len(down), f"{len(down)} pods taken down")
-    if not pods.stays(lambda o: terminating_ordinals(o, sts) == down):
-        seen = sorted(terminating_ordinals(pods.snapshot()[0], sts))
-        raise AssertionError(f"expected exactly pods {sorted(down)} down ({why}), saw {seen}")
-
-
-@pytest.mark.behaviour("max_unavailable_percent")
-def test_max_unavailable_percent(api, namespace, pods, statefulsets):
-    # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
+def held_set_with_max_unavailable(api, namespace, pods, value) -> str | None:
+    """A Parallel set of 5 Ready pods whose deleted pods stay Terminating (held), so how many the
+    controller takes down at once is visible, with rollingUpdate.maxUnavailable `value`. None where
+    this version drops the field, as its gate default promises; a skip where the gate is absent."""
     gate, version = "MaxUnavailableStatefulSet", server_version(api)
     expected, why = versions.expect(gate, version), versions.reason(gate, version)
     if expected == "absent":
@@ -394,15 +349,46 @@ def test_max_unavailable_percent(api, namespace, pods, statefulsets):
         5,
         on_delete=True,
         podManagementPolicy="Parallel",
-        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "50%"}},
+        updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": value}},
     )
-    stored = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update
+    apps = client.AppsV1Api(api)
+    stored = apps.read_namespaced_stateful_set(sts, namespace).spec.update_strategy.rolling_update.max_unavailable
     if expected == "off":
-        assert stored.max_unavailable is None, f"the API kept rollingUpdate.maxUnavailable, but {why}"
-        return  # the gate is off as this version promises: the field is dropped, there is nothing to roll
-    assert stored.max_unavailable == "50%", f"the API stored maxUnavailable {stored.max_unavailable!r}; {why}"
+        assert stored is None, f"the API kept rollingUpdate.maxUnavailable, but {why}"
+        return None  # the gate is off as this version promises: the field is dropped, nothing to roll
+    assert stored == value, f"the API stored maxUnavailable {stored!r}, not {value!r}; {why}"
     pods.wait_for(running_and_ready(sts, range(5)), "5 pods")
+    return sts
 
+
+def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
+    """Exactly the pods `down` are taken down (held Terminating) and no other follows."""
+    pods.wait_for(lambda o: len(terminating_ordinals(o, sts)) >= len(down), f"{len(down)} pods taken down")
+    if not pods.stays(lambda o: terminating_ordinals(o, sts) == down):
+        seen = sorted(terminating_ordinals(pods.snapshot()[0], sts))
+        raise AssertionError(f"expected exactly pods {sorted(down)} down ({why}), saw {seen}")
+
+
+@pytest.mark.behaviour("max_unavailable")
+def test_max_unavailable(api, namespace, pods, statefulsets):
+    sts = held_set_with_max_unavailable(api, namespace, pods, 2)
+    if sts is None:
+        return
+    pods.mark("update image")
+    set_image(api, namespace, sts, NEW)
+    expect_taken_down(pods, sts, {3, 4}, "maxUnavailable 2, from the top")
+    pods.mark("release the held pods")
+    for name, pod in pods.snapshot()[0].items():
+        if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
+            release_finalizer(api, namespace, name)
+
+
+@pytest.mark.behaviour("max_unavailable_percent")
+def test_max_unavailable_percent(api, namespace, pods, statefulsets):
+    # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
+    sts = held_set_with_max_unavailable(api, namespace, pods, "50%")
+    if sts is None:
+        return
     pods.mark("update image (maxUnavailable 50%)")
     set_image(api, namespace, sts, NEW)
     expect_taken_down(pods, sts, {3, 4}, "50% of 5 rounds down to 2")
