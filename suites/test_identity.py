@@ -5,7 +5,16 @@ from kubernetes import client
 
 from fixtures import manifests
 from fixtures.execs import run_in
-from fixtures.sts import create, owned_pods, pod_name, recreate_pod, replaced, running_and_ready, set_phase
+from fixtures.sts import (
+    controller_uid,
+    create,
+    owned_pods,
+    pod_name,
+    recreate_pod,
+    replaced,
+    running_and_ready,
+    set_phase,
+)
 
 STS = "sts-xiuxian"
 SVC = "svc-headless"
@@ -131,11 +140,6 @@ def test_hostname_in_pod(api, namespace, pods):
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
     for i in range(3):
         assert run_in(api, namespace, pod_name(STS, i), ["hostname"]).strip() == pod_name(STS, i)
-
-
-def controller_uid(pod: dict) -> str | None:
-    owners = [o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")]
-    return owners[0]["uid"] if owners else None
 
 
 @pytest.mark.behaviour("orphan_adoption")
