@@ -1,9 +1,12 @@
 """Stable identity: ordinal names, hostname/subdomain, labels, owner, same name after deletion."""
 
+import json
+
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
-from fixtures import manifests
+from fixtures import manifests, versions
 from fixtures.execs import run_in
 from fixtures.sts import (
     controller_uid,
@@ -189,3 +192,52 @@ def test_service_name_optional(api, namespace, pods):
         assert not pod["spec"].get("subdomain"), (
             f"{pod_name(STS, ordinal)}: subdomain {pod['spec']['subdomain']!r} with no serviceName"
         )
+
+
+INVALID_SERVICE_NAME = "Not_A.Label"  # upper case, "_" and "." are each outside a DNS-1123 label
+
+
+def refused_fields(error: ApiException) -> set[str]:
+    """The fields a 422 Invalid names in its causes."""
+    return {c.get("field") for c in (json.loads(error.body).get("details") or {}).get("causes") or []}
+
+
+@pytest.mark.behaviour("invalid_service_name_rejected")
+def test_invalid_service_name_rejected(api, namespace):
+    # kube-apiserver decides, no controller: a serviceName becomes each pod's spec.subdomain, a DNS-1123
+    # label, so since 1.33 (kubernetes#130233) a new set must carry a valid one; older servers accepted
+    # it and the controller then failed to create any pod.
+    change, version = "StatefulSetServiceNameValidation", client.VersionApi(api).get_code().git_version
+    expected, why = versions.expect(change, version), versions.reason(change, version)
+    if expected == "absent":
+        pytest.skip(why)  # the only skip: no server of this version refuses it
+    apps = client.AppsV1Api(api)
+    sts = manifests.one(manifests.load("headless-network", namespace, replicas=1), "StatefulSet")
+    sts["spec"]["serviceName"] = INVALID_SERVICE_NAME
+    try:
+        apps.create_namespaced_stateful_set(namespace, sts)
+    except ApiException as error:
+        assert error.status == 422, f"the create was refused with {error.status} {error.reason}, not 422 Invalid"
+        assert "spec.serviceName" in refused_fields(error), f"refused for another field: {error.body}"
+    else:
+        raise AssertionError(f"the API accepted serviceName {INVALID_SERVICE_NAME!r}; {why}")
+    stored = [s.metadata.name for s in apps.list_namespaced_stateful_set(namespace).items]
+    assert stored == [], f"the refused create left StatefulSets {stored} behind"
+
+    # A live set cannot be moved to such a name either: serviceName is immutable on update (1.36.3:
+    # "spec" outside the fields an update may change; 1.37.2: spec.serviceName is immutable), which
+    # is why update validation may skip the label check (AllowInvalidServiceName true on update).
+    create(api, namespace, "headless-network", replicas=1)
+    before = apps.read_namespaced_stateful_set(STS, namespace)
+    try:
+        apps.patch_namespaced_stateful_set(STS, namespace, {"spec": {"serviceName": INVALID_SERVICE_NAME}})
+    except ApiException as error:
+        assert error.status == 422, f"the update was refused with {error.status} {error.reason}, not 422 Invalid"
+        assert refused_fields(error) & {"spec", "spec.serviceName"}, f"refused for another field: {error.body}"
+    else:
+        raise AssertionError(f"the API changed a live set's serviceName to {INVALID_SERVICE_NAME!r}")
+    after = apps.read_namespaced_stateful_set(STS, namespace)
+    assert (after.spec.service_name, after.metadata.generation) == (SVC, before.metadata.generation), (
+        f"the refused update changed the stored set: serviceName {after.spec.service_name!r}, "
+        f"generation {before.metadata.generation} -> {after.metadata.generation}"
+    )

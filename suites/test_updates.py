@@ -335,10 +335,11 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert images(objs, sts)[1] == NEW
 
 
-def held_set_with_max_unavailable(api, namespace, pods, value) -> str | None:
-    """A Parallel set of 5 Ready pods whose deleted pods stay Terminating (held), so how many the
-    controller takes down at once is visible, with rollingUpdate.maxUnavailable `value`. None where
-    this version drops the field, as its gate default promises; a skip where the gate is absent."""
+def held_set_with_max_unavailable(api, namespace, pods, value, policy: str) -> str | None:
+    """A set of 5 Ready pods under podManagementPolicy `policy` whose deleted pods stay Terminating
+    (held), so how many the controller takes down at once is visible, with rollingUpdate.maxUnavailable
+    `value`. None where this version drops the field, as its gate default promises; a skip where the
+    gate is absent."""
     gate, version = "MaxUnavailableStatefulSet", server_version(api)
     expected, why = versions.expect(gate, version), versions.reason(gate, version)
     if expected == "absent":
@@ -348,7 +349,7 @@ def held_set_with_max_unavailable(api, namespace, pods, value) -> str | None:
         namespace,
         5,
         on_delete=True,
-        podManagementPolicy="Parallel",
+        podManagementPolicy=policy,
         updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": value}},
     )
     apps = client.AppsV1Api(api)
@@ -369,14 +370,26 @@ def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
         raise AssertionError(f"expected exactly pods {sorted(down)} down ({why}), saw {seen}")
 
 
-@pytest.mark.behaviour("max_unavailable")
-def test_max_unavailable(api, namespace, pods, statefulsets):
-    sts = held_set_with_max_unavailable(api, namespace, pods, 2)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param("Parallel", marks=pytest.mark.behaviour("max_unavailable")),
+        # Its own id: a fault must fail every test of what it breaks, and max-unavailable-parallel-only
+        # (the API reference's "might not be effective for OrderedReady" read as one at a time) breaks
+        # only this case.
+        pytest.param("OrderedReady", marks=pytest.mark.behaviour("max_unavailable_ordered_ready")),
+    ],
+)
+def test_max_unavailable(api, namespace, pods, statefulsets, policy):
+    # Under OrderedReady too (upstream's "should perform rolling updates with maxUnavailable" runs a
+    # default, OrderedReady, set): kube-controller-manager v1.37.2 deletes maxUnavailable - unavailable
+    # pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
+    sts = held_set_with_max_unavailable(api, namespace, pods, 2, policy)
     if sts is None:
         return
     pods.mark("update image")
     set_image(api, namespace, sts, NEW)
-    expect_taken_down(pods, sts, {3, 4}, "maxUnavailable 2, from the top")
+    expect_taken_down(pods, sts, {3, 4}, f"maxUnavailable 2 under {policy}, from the top")
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
         if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
@@ -386,7 +399,7 @@ def test_max_unavailable(api, namespace, pods, statefulsets):
 @pytest.mark.behaviour("max_unavailable_percent")
 def test_max_unavailable_percent(api, namespace, pods, statefulsets):
     # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
-    sts = held_set_with_max_unavailable(api, namespace, pods, "50%")
+    sts = held_set_with_max_unavailable(api, namespace, pods, "50%", "Parallel")
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
