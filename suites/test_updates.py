@@ -6,116 +6,39 @@ from kubernetes import client
 from kubernetes.utils import FailToCreateError
 
 from fixtures import versions
-from fixtures.images.imagemap import mapped, upstream_of
+from fixtures.kube import server_version
 from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
-    HOLD_GATE,
+    NEW_IMAGE,
+    OLD_IMAGE,
+    all_at,
     began_terminating,
-    create,
+    create_web,
+    hold_template,
+    images,
     is_ready,
+    observed_status,
     owned_pods,
+    patch_spec,
     pod_name,
     ready_since,
     recreate_pod,
     release_finalizer,
     replaced,
+    revisions,
+    rolled_out,
     running_and_ready,
+    set_image,
+    set_partition,
     set_phase,
+    settled_status,
     status_written_at,
     terminating_ordinals,
     untouched,
 )
 
 ROUND = "sts-conformance.k8s.io/round"  # a template annotation: each new value is a new revision
-OLD, NEW = "docker.io/library/nginx:1.27-alpine", "docker.io/library/nginx:1.28-alpine"
-
-
-def server_version(api) -> str:
-    return client.VersionApi(api).get_code().git_version
-
-
-def create_web(api, namespace, replicas, **spec) -> str:
-    """A web set at the OLD image, so every test updates it to NEW; returns its name."""
-    return create(api, namespace, "headless-network", replicas, image=OLD, **spec)["metadata"]["name"]
-
-
-def set_image(api, namespace, sts, image) -> int:
-    """Sets the first container's image; returns the set's generation with it."""
-    body = client.AppsV1Api(api).read_namespaced_stateful_set(sts, namespace)
-    container = body.spec.template.spec.containers[0].name
-    patched = client.AppsV1Api(api).patch_namespaced_stateful_set(
-        sts, namespace, {"spec": {"template": {"spec": {"containers": [{"name": container, "image": mapped(image)}]}}}}
-    )
-    return patched.metadata.generation
-
-
-def set_partition(api, namespace, sts, partition) -> None:
-    client.AppsV1Api(api).patch_namespaced_stateful_set(
-        sts,
-        namespace,
-        {"spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}}},
-    )
-
-
-def revisions(objs, sts) -> dict[int, str]:
-    return {i: pod["metadata"]["labels"].get("controller-revision-hash") for i, pod in owned_pods(objs, sts).items()}
-
-
-def images(objs, sts) -> dict[int, str]:
-    """Each pod's image by the upstream reference it stands for (runs may map OLD and NEW to others)."""
-    return {i: upstream_of(pod["spec"]["containers"][0]["image"]) for i, pod in owned_pods(objs, sts).items()}
-
-
-def settled_status(statefulsets, sts, what, check=lambda status: True) -> dict:
-    """The status once the controller has observed the latest spec (observedGeneration) and check holds."""
-
-    def ready(objs):
-        obj = objs.get(sts)
-        if not obj or (obj.get("status") or {}).get("observedGeneration", 0) < obj["metadata"]["generation"]:
-            return None
-        return obj["status"] if check(obj["status"]) else None
-
-    return statefulsets.wait_for_value(ready, what)
-
-
-def patch_spec(api, namespace, sts, spec) -> int:
-    """Patches the set's spec; returns the generation the controller must then observe."""
-    return client.AppsV1Api(api).patch_namespaced_stateful_set(sts, namespace, {"spec": spec}).metadata.generation
-
-
-def hold_template(api, namespace, sts, held: bool) -> int:
-    """Gives the template a scheduling gate (its pods never get scheduled, so never Ready: a broken
-    revision) or takes it away again (the template as before, so the revision it had); returns the
-    generation to observe."""
-    gates = [{"name": HOLD_GATE}] if held else None
-    return patch_spec(api, namespace, sts, {"template": {"spec": {"schedulingGates": gates}}})
-
-
-def observed_status(statefulsets, sts, generation, what) -> dict:
-    """The first status that observed `generation`: the controller writes observedGeneration with the
-    status it computed for that spec, so what that spec decides must show there already."""
-
-    def observed(objs):
-        status = (objs.get(sts) or {}).get("status") or {}
-        return status if status.get("observedGeneration", 0) >= generation else None
-
-    return statefulsets.wait_for_value(observed, what)
-
-
-def rolled_out(replicas):
-    return lambda s: (
-        s.get("updatedReplicas") == replicas
-        and s.get("readyReplicas") == replicas
-        and s.get("currentRevision") == s.get("updateRevision")
-    )
-
-
-def all_at(sts, ordinals, revision):
-    def check(objs):
-        return running_and_ready(sts, ordinals)(objs) and set(revisions(objs, sts).values()) == {revision}
-
-    return check
 
 
 @pytest.mark.behaviour("rolling_update_reverse")
@@ -125,8 +48,8 @@ def test_rolling_update_reverse(api, namespace, pods, statefulsets):
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
     old = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
 
-    pods.mark(f"update image to {NEW}")
-    set_image(api, namespace, sts, NEW)
+    pods.mark(f"update image to {NEW_IMAGE}")
+    set_image(api, namespace, sts, NEW_IMAGE)
     new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
         "updateRevision"
     ]
@@ -172,7 +95,7 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
 
     pods.mark("update")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     rolled = settled_status(
         statefulsets, sts, "the rollout to finish", lambda s: s.get("updateRevision") != old and rolled_out(3)(s)
     )
@@ -183,7 +106,7 @@ def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
     assert {old, new} <= set(history), f"ControllerRevisions {sorted(history)} lack {old} or {new}"
 
     pods.mark("roll back")
-    rollback = set_image(api, namespace, sts, OLD)
+    rollback = set_image(api, namespace, sts, OLD_IMAGE)
 
     def rolled_back(status):
         # The first status that has seen the rollback names its revision: it fails there if that is new.
@@ -223,7 +146,7 @@ def test_partition(api, namespace, pods, statefulsets, replicas, partition):
     old = settled_status(statefulsets, sts, "status", rolled_out(replicas))["currentRevision"]
 
     pods.mark(f"update image, partition {partition}")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
         "updateRevision"
     ]
@@ -234,11 +157,11 @@ def test_partition(api, namespace, pods, statefulsets, replicas, partition):
 
     pods.wait_for(split, f"ordinals >= {partition} at the new revision, the rest old")
     assert pods.stays(split), "pods below the partition were updated"
-    assert all(images(pods.snapshot()[0], sts)[i] == OLD for i in range(partition))
+    assert all(images(pods.snapshot()[0], sts)[i] == OLD_IMAGE for i in range(partition))
 
     victim = pod_name(sts, partition - 1)  # below the partition
     recreate_pod(api, pods, victim, until=split, what=f"{victim} back at the old revision")
-    assert images(pods.snapshot()[0], sts)[partition - 1] == OLD, f"{victim} came back with the new template"
+    assert images(pods.snapshot()[0], sts)[partition - 1] == OLD_IMAGE, f"{victim} came back with the new template"
 
     pods.mark("lower the partition to 0")
     set_partition(api, namespace, sts, 0)
@@ -264,7 +187,7 @@ def test_partition_with_failing_pod(api, namespace, pods, statefulsets, fails):
     client.CoreV1Api(api).patch_namespaced_pod(first, namespace, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
 
     pods.mark("update image, partition 1")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") != old)[
         "updateRevision"
     ]
@@ -316,7 +239,7 @@ def test_ondelete(api, namespace, pods, statefulsets):
     before = {name: pod["metadata"]["uid"] for name, pod in objs.items()}
 
     pods.mark("update image")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     new = settled_status(statefulsets, sts, "a new update revision", lambda s: s.get("updateRevision") not in old)[
         "updateRevision"
     ]
@@ -332,7 +255,7 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert revisions(objs, sts) == {0: old_revision, 1: new, 2: old_revision}, (
         f"only the deleted pod should carry the new revision: {revisions(objs, sts)}"
     )
-    assert images(objs, sts)[1] == NEW
+    assert images(objs, sts)[1] == NEW_IMAGE
 
 
 def held_set_with_max_unavailable(api, namespace, pods, value, policy: str) -> str | None:
@@ -388,7 +311,7 @@ def test_max_unavailable(api, namespace, pods, statefulsets, policy):
     if sts is None:
         return
     pods.mark("update image")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     expect_taken_down(pods, sts, {3, 4}, f"maxUnavailable 2 under {policy}, from the top")
     pods.mark("release the held pods")
     for name, pod in pods.snapshot()[0].items():
@@ -403,7 +326,7 @@ def test_max_unavailable_percent(api, namespace, pods, statefulsets):
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     expect_taken_down(pods, sts, {3, 4}, "50% of 5 rounds down to 2")
 
     pods.mark("maxUnavailable 10%")
@@ -466,7 +389,7 @@ def test_recreate_strategy(api, namespace, pods, statefulsets):
     old = set(revisions(pods.snapshot()[0], sts).values())
 
     pods.mark("update image")
-    set_image(api, namespace, sts, NEW)
+    set_image(api, namespace, sts, NEW_IMAGE)
     pods.wait_for(lambda o: terminating_ordinals(o, sts) == {0, 1, 2}, "every old pod taken down")
     assert pods.stays(lambda o: set(owned_pods(o, sts)) == {0, 1, 2} and terminating_ordinals(o, sts) == {0, 1, 2}), (
         "a new pod came while old pods were still terminating"
