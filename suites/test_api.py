@@ -6,8 +6,9 @@ import secrets
 import pytest
 from kubernetes import client
 
-from fixtures import manifests
-from fixtures.sts import owned_pods, running_and_ready
+from fixtures import imagemap, manifests
+from fixtures.kube import resource_version_order
+from fixtures.sts import NEW_IMAGE, created_with, image_state, owned_pods, rolled_out, running_and_ready, settled_status
 
 STS = "sts-xiuxian"
 WEB = "headless-network"
@@ -15,10 +16,13 @@ LABEL = "sts-conformance.k8s.io/lifecycle"
 PATCHED = "sts-conformance.k8s.io/patched"
 
 
-def create_labelled(api, namespace, replicas: int, labels: dict | None = None) -> None:
+def create_labelled(api, namespace, replicas: int, labels: dict | None = None) -> client.V1StatefulSet:
+    """The web set and its Service; returns the set as the create answered it."""
     docs = manifests.load(WEB, namespace, replicas=replicas)
-    manifests.one(docs, "StatefulSet")["metadata"].setdefault("labels", {}).update(labels or {})
-    manifests.apply(api, docs)
+    sts = manifests.one(docs, "StatefulSet")
+    sts["metadata"].setdefault("labels", {}).update(labels or {})
+    manifests.apply(api, [doc for doc in docs if doc is not sts])
+    return client.AppsV1Api(api).create_namespaced_stateful_set(namespace, sts)
 
 
 def settled(statefulsets, ready: int):
@@ -126,21 +130,40 @@ def kept_once_shown(events) -> bool:
 @pytest.mark.behaviour("api_lifecycle")
 @pytest.mark.conformance("StatefulSet, list, patch and delete a collection of StatefulSets")
 def test_api_lifecycle(api, namespace, pods, statefulsets, watch):
-    apps = client.AppsV1Api(api)
+    # Upstream's spec (statefulset.go:1044): create a labelled set, patch its labels, replicas and image
+    # in one patch (resourceVersion valid and increasing), see the pods follow, list it by label across
+    # namespaces, and delete it with a label-selected deleteCollection.
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
     token = secrets.token_hex(4)  # this test's own label value: no other object in the cluster carries it
     selector = f"{LABEL}={token}"
-    create_labelled(api, namespace, replicas=1, labels={LABEL: token})
+    created = create_labelled(api, namespace, replicas=1, labels={LABEL: token})
+    resource_version_order(created.metadata.resource_version, created.metadata.resource_version)  # well formed
     pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
+    settled_status(statefulsets, STS, "the status of the new set")
 
     listed = apps.list_stateful_set_for_all_namespaces(label_selector=selector)
     found = [(s.metadata.namespace, s.metadata.name) for s in listed.items]
     assert found == [(namespace, STS)], f"listing all namespaces by {selector} found {found}"
 
-    # The label's history: a write that takes it back may come before a wait looks at the set.
+    # Histories from before the patch: the label's (a write that takes it back may come before a wait
+    # looks at the set) and the pods' images (a pod created for the patched spec must carry its image).
     labels = watch(apps.list_namespaced_stateful_set, "statefulset labels", patched_label)
-    statefulsets.mark(f"patch label {PATCHED}")
-    patched = apps.patch_namespaced_stateful_set(STS, namespace, {"metadata": {"labels": {PATCHED: "true"}}})
+    pod_images = watch(core.list_namespaced_pod, "pod images", image_state)
+    statefulsets.mark(f"patch label {PATCHED}, replicas 2, image {NEW_IMAGE}")
+    pod_images.mark(f"patch replicas 2, image {NEW_IMAGE}")
+    patched = apps.patch_namespaced_stateful_set(STS, namespace, replicas_and_image(created, 2, NEW_IMAGE))
+    assert resource_version_order(created.metadata.resource_version, patched.metadata.resource_version) == -1, (
+        f"the patched set's resourceVersion {patched.metadata.resource_version} is not above the created "
+        f"set's {created.metadata.resource_version}"
+    )
     assert patched.metadata.labels.get(PATCHED) == "true", "the patch response lacks the patched label"
+    read = apps.read_namespaced_stateful_set(STS, namespace)
+    image = imagemap.upstream_of(read.spec.template.spec.containers[0].image)
+    assert (read.spec.replicas, image) == (2, NEW_IMAGE), f"the patched set: {read.spec.replicas} replicas of {image}"
+
+    pod_images.wait_for(created_with(pod_images, STS, NEW_IMAGE, range(2)), f"2 pods of {NEW_IMAGE} Ready")
+    settled_status(statefulsets, STS, "the patched set rolled out", rolled_out(2))
+
     has_label = lambda objs: (objs[STS]["metadata"].get("labels") or {}).get(PATCHED) == "true"  # noqa: E731
     kept = lambda objs: kept_once_shown(labels.events) and has_label(objs)  # noqa: E731
     labels.wait_for(kept, "the watch to show the label")
@@ -153,8 +176,26 @@ def test_api_lifecycle(api, namespace, pods, statefulsets, watch):
     assert found == [(namespace, STS)], f"listing by the patched label found {found}"
 
     statefulsets.mark(f"deleteCollection in {namespace} by {selector}")
-    apps.delete_collection_namespaced_stateful_set(namespace, label_selector=selector)
+    apps.delete_collection_namespaced_stateful_set(namespace, label_selector=selector, grace_period_seconds=1)
     statefulsets.wait_for(lambda objs: STS not in objs, "the set to be deleted")
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "the set's pods to be deleted with it")
     listed = apps.list_stateful_set_for_all_namespaces(label_selector=selector)
     assert listed.items == [], f"the set is still listed after deleteCollection: {listed.items}"
+
+
+def replicas_and_image(sts, replicas: int, image: str) -> dict:
+    """Upstream's one strategic merge patch: the PATCHED label, replicas, the first container's image
+    and a 1 s termination grace period."""
+    container = sts.spec.template.spec.containers[0].name
+    return {
+        "metadata": {"labels": {PATCHED: "true"}},
+        "spec": {
+            "replicas": replicas,
+            "template": {
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": container, "image": imagemap.mapped(image)}],
+                }
+            },
+        },
+    }

@@ -8,15 +8,16 @@ from kubernetes.client.rest import ApiException
 
 from fixtures import manifests, versions
 from fixtures.execs import run_in
+from fixtures.failures import schedulable_node
 from fixtures.sts import (
     controller_uid,
     create,
+    deleted_and_created_again,
     owned_pods,
     pod_name,
     recreate_pod,
     replaced,
     running_and_ready,
-    set_phase,
 )
 
 STS = "sts-xiuxian"
@@ -120,20 +121,30 @@ def test_deleted_pod_same_identity(api, namespace, pods, pvcs):
     )
 
 
+HOST_PORT = 21017  # upstream's conflicting port (statefulset.go:885)
+
+
 @pytest.mark.behaviour("failed_pod_recreated")
 @pytest.mark.conformance("StatefulSet, Recreate Failed Pod")
-def test_failed_pod_recreated(api, namespace, pods):
-    create(api, namespace, "headless-network", replicas=2)
-    before = pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
-    old_uid = before[pod_name(STS, 1)]["metadata"]["uid"]
+def test_failed_pod_recreated(api, namespace, pods, failures):
+    # Upstream's scenario: a pod holds a hostPort on a node, and the set's pod, pinned to that node with
+    # the same hostPort, is rejected by the kubelet (phase Failed). The controller must delete it and
+    # create it again, and once the port is free the new pod runs. Fake nodes have no kubelet to
+    # reject it: there the test writes the rejection (fixtures/failures.py).
+    node = schedulable_node(api)
+    holder = failures.hold_host_port(pods, node, HOST_PORT)
+    create(api, namespace, "headless-network", replicas=1, host_port_on=(node, HOST_PORT))
+    name = pod_name(STS, 0)
+    rejected = failures.rejected(pods, name)
+    pods.wait_for(deleted_and_created_again(pods, name, rejected), f"the rejected {name} deleted and created again")
 
-    pods.mark(f"set {pod_name(STS, 1)} phase Failed")
-    set_phase(api, namespace, pod_name(STS, 1), "Failed")
+    failures.remove(pods, holder)
     objs = pods.wait_for(
-        lambda objs: running_and_ready(STS, range(2))(objs) and replaced(objs, pod_name(STS, 1), old_uid),
-        f"{pod_name(STS, 1)} replaced and Ready",
+        lambda objs: running_and_ready(STS, range(1))(objs) and objs[name]["metadata"]["uid"] != rejected,
+        f"a new {name} Running and Ready once the port is free",
     )
-    assert objs[pod_name(STS, 1)]["spec"].get("hostname") == pod_name(STS, 1)
+    assert objs[name]["spec"].get("hostname") == name
+    assert objs[name]["spec"].get("nodeName") == node, f"{name} left its pinned node {node}"
 
 
 @pytest.mark.behaviour("hostname_in_pod")
@@ -147,35 +158,50 @@ def test_hostname_in_pod(api, namespace, pods):
 
 @pytest.mark.behaviour("orphan_adoption")
 def test_orphan_adoption(api, namespace, pods):
+    # Upstream's scenario (statefulset.go:190): the pod orphaned is adopted again, released when its
+    # labels are taken away, and adopted again when they are put back. Each adoption is the same pod
+    # (no replacement) with the set as controller; a controller reference to anything else fails at once.
     create(api, namespace, "headless-network", replicas=1)
     before = pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")[pod_name(STS, 0)]
     sts_uid = client.AppsV1Api(api).read_namespaced_stateful_set(STS, namespace).metadata.uid
     core, name = client.CoreV1Api(api), pod_name(STS, 0)
+    assert controller_uid(before) == sts_uid, f"{name} was not created with the set as its controller"
 
     pods.mark(f"orphan {name}")
     orphaned = core.patch_namespaced_pod(name, namespace, [{"op": "remove", "path": "/metadata/ownerReferences"}])
-    # Adopted means a write after the orphaning (the watch may not have shown the orphan yet).
-    versions_seen = {before["metadata"]["resourceVersion"], orphaned.metadata.resource_version}
-    adopted = pods.wait_for(
-        lambda objs: (
-            name in objs
-            and objs[name]["metadata"]["resourceVersion"] not in versions_seen
-            and controller_uid(objs[name]) == sts_uid
-        ),
-        f"{name} adopted",
-    )[name]
+    adopted = pods.wait_for(adopted_after(name, sts_uid, before, orphaned), f"{name} adopted")[name]
     assert adopted["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not adopted"
 
-    pods.mark(f"relabel {name} out of the selector")
-    core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": {"app": "released"}}})
+    pods.mark(f"remove the labels of {name}")
+    labels = adopted["metadata"]["labels"]
+    core.patch_namespaced_pod(name, namespace, [{"op": "remove", "path": "/metadata/labels"}])
     released = pods.wait_for(
-        lambda objs: (
-            (objs.get(name, {}).get("metadata", {}).get("labels") or {}).get("app") == "released"
-            and controller_uid(objs[name]) is None
-        ),
+        lambda objs: name in objs and not objs[name]["metadata"].get("labels") and controller_uid(objs[name]) is None,
         f"{name} released",
     )[name]
     assert released["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not released"
+
+    pods.mark(f"put the labels of {name} back")
+    relabelled = core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": labels}})
+    readopted = pods.wait_for(adopted_after(name, sts_uid, released, relabelled), f"{name} adopted again")[name]
+    assert readopted["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not adopted again"
+
+
+def adopted_after(name: str, sts_uid: str, *writes):
+    """A pod condition: `name` has the set as controller in a version newer than `writes` (the pod
+    as the test last saw or wrote it: the watch may not have shown that write yet); fails at a version
+    whose controller is anything else."""
+    seen = {w["metadata"]["resourceVersion"] if isinstance(w, dict) else w.metadata.resource_version for w in writes}
+
+    def check(objs) -> bool:
+        pod = objs.get(name)
+        if pod is None or pod["metadata"]["resourceVersion"] in seen:
+            return False
+        owner = controller_uid(pod)
+        assert owner in (None, sts_uid), f"{name} got another controller: {pod['metadata']['ownerReferences']}"
+        return owner == sts_uid
+
+    return check
 
 
 @pytest.mark.behaviour("service_name_optional")

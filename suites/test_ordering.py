@@ -25,6 +25,7 @@ from fixtures.sts import (
     running_not_ready,
     scale,
     set_phase,
+    settled_status,
     terminating_ordinals,
     untouched,
 )
@@ -175,6 +176,47 @@ def test_parallel_policy(api, namespace, pods):
     for i in range(3):
         release_finalizer(api, namespace, pod_name(STS, i))
     pods.wait_for(lambda objs: not objs, "all pods gone")
+
+
+def running_not_ready_pods(count: int):
+    """A pod condition: the set has `count` pods, every one Running and not Ready."""
+
+    def check(objs) -> bool:
+        present = owned_pods(objs, STS)
+        return len(present) == count and all(running_not_ready(pod) for pod in present.values())
+
+    return check
+
+
+@pytest.mark.behaviour("parallel_unhealthy_scaling")
+@pytest.mark.conformance("StatefulSet, Burst Scaling")
+def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readiness):
+    # Upstream's Burst Scaling scenario (statefulset.go:833): under Parallel an unready pod does not
+    # halt a scale-up, and a scale-down of unready pods runs to completion.
+    create(api, namespace, WEB, replicas=1, podManagementPolicy="Parallel", readiness_switch=True)
+    pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
+
+    pods.mark("make pod 0 unready")
+    readiness.set(pod_name(STS, 0), False)
+    pods.wait_for(running_not_ready_pods(1), "pod 0 Running and not Ready")
+    settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
+    pods.mark("scale to 3")
+    scale(api, namespace, STS, 3)
+    pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "pods 1 and 2 created while pod 0 is unready")
+
+    pods.mark("make pod 0 ready again")
+    readiness.set(pod_name(STS, 0), True)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
+
+    pods.mark("make every pod unready")
+    for i in range(3):
+        readiness.set(pod_name(STS, i), False)
+    pods.wait_for(running_not_ready_pods(3), "3 pods Running and not Ready")
+    settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
+    pods.mark("scale to 0")
+    scale(api, namespace, STS, 0)
+    pods.wait_for(lambda objs: not owned_pods(objs, STS), "every unready pod deleted")
+    settled_status(statefulsets, STS, "status.replicas 0", lambda s: s.get("replicas", 0) == 0)
 
 
 @pytest.mark.behaviour("scale_down_halts_unhealthy")
