@@ -16,6 +16,7 @@ from fixtures.sts import (
     create,
     deleted,
     is_ready,
+    observed_status,
     owned_pods,
     pod_name,
     release_finalizer,
@@ -117,14 +118,15 @@ def test_ordered_scale_down(api, namespace, pods):
 
 @pytest.mark.behaviour("scale_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
-def test_scale_halts_unhealthy(api, namespace, pods, readiness):
+def test_scale_halts_unhealthy(api, namespace, pods, statefulsets, readiness):
     create(api, namespace, WEB, replicas=3, readiness_switch=True)
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("make pod 1 unready, scale to 5")
     readiness.set(pod_name(STS, 1), False)
     pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 1)]), "pod 1 unready")
-    scale(api, namespace, STS, 5)
+    generation = scale(api, namespace, STS, 5)
+    expect_ready_replicas(statefulsets, generation, 2, 3)
     assert pods.stays(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}), "scale-up went on while pod 1 was unready"
 
     pods.mark("make pod 1 ready again")
@@ -135,7 +137,8 @@ def test_scale_halts_unhealthy(api, namespace, pods, readiness):
     pods.mark("make pod 0 unready, scale to 2")
     readiness.set(pod_name(STS, 0), False)
     pods.wait_for(lambda objs: not is_ready(objs[pod_name(STS, 0)]), "pod 0 unready")
-    scale(api, namespace, STS, 2)
+    generation = scale(api, namespace, STS, 2)
+    expect_ready_replicas(statefulsets, generation, 4, 5)
     assert pods.stays(
         lambda objs: (
             len(owned_pods(objs, STS)) == 5
@@ -146,6 +149,15 @@ def test_scale_halts_unhealthy(api, namespace, pods, readiness):
     pods.mark("make pod 0 ready again")
     readiness.set(pod_name(STS, 0), True)
     pods.wait_for(running_and_ready(STS, range(2)), "scale-down to resume down to 2 pods")
+
+
+def expect_ready_replicas(statefulsets, generation: int, ready: int, replicas: int) -> None:
+    """The status that observes `generation` counts `ready` of `replicas` pods Ready: readyReplicas falls
+    when pods go unready (upstream's WaitForStatusReadyReplicas, framework/statefulset/wait.go:109). The
+    test saw the pods unready before it changed the spec, so the sync that observes the change sees them."""
+    status = observed_status(statefulsets, STS, generation, "the status of the scale")
+    counts = {k: status.get(k, 0) for k in ("readyReplicas", "replicas")}
+    assert counts == {"readyReplicas": ready, "replicas": replicas}, f"unready pods counted wrong: {counts}"
 
 
 @pytest.mark.behaviour("parallel_policy")
@@ -221,7 +233,7 @@ def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readines
 
 @pytest.mark.behaviour("scale_down_halts_unhealthy")
 @pytest.mark.conformance(SCALING)
-def test_scale_down_halts_unhealthy(api, namespace, pods, readiness):
+def test_scale_down_halts_unhealthy(api, namespace, pods, statefulsets, readiness):
     # Upstream's "Scaling" scenario: every pod unhealthy, scale to 0. Only the first pod in deletion
     # order (the highest) may go; any other pod that begins terminating fails the test at that event.
     create(api, namespace, WEB, replicas=3, readiness_switch=True)
@@ -232,7 +244,9 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, readiness):
     pods.wait_for(lambda objs: not any(is_ready(p) for p in owned_pods(objs, STS).values()), "every pod unready")
 
     pods.mark("scale to 0")
-    scale(api, namespace, STS, 0)
+    generation = scale(api, namespace, STS, 0)
+    status = observed_status(statefulsets, STS, generation, "the status of the scale to 0")
+    assert status.get("readyReplicas", 0) == 0, f"pods counted Ready while every pod is unready: {status}"
 
     def only_the_highest_may_go(objs):
         present = owned_pods(objs, STS)

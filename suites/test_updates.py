@@ -15,16 +15,19 @@ from fixtures.sts import (
     all_at,
     began_terminating,
     create_web,
+    delete_pods,
     hold_template,
     images,
     is_ready,
     observed_status,
     owned_pods,
     patch_spec,
+    pending_holds,
     pod_name,
     ready_since,
     recreate_pod,
     release_finalizer,
+    release_held,
     replaced,
     revisions,
     rolled_out,
@@ -34,7 +37,10 @@ from fixtures.sts import (
     settled_status,
     status_written_at,
     terminating_ordinals,
+    unavailable_at_most,
     untouched,
+    updated_from_the_top,
+    wait_releasing,
 )
 
 ROUND = "sts-conformance.k8s.io/round"  # a template annotation: each new value is a new revision
@@ -83,44 +89,89 @@ def _first_ready_at(events: list[Event], name: str, revision: str) -> Event:
     raise AssertionError(f"{name} never became Ready at revision {revision}")
 
 
-@pytest.mark.behaviour("revision_status")
 @pytest.mark.conformance("StatefulSet, Rolling Update")
-def test_revision_status_and_rollback(api, namespace, pods, statefulsets):
-    sts = create_web(api, namespace, 3)
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param(False, marks=pytest.mark.behaviour("revision_status"), id="no-claims"),
+        # Upstream's "... with PVCs" spec: its own id, as a fault breaking claims breaks only this case.
+        pytest.param(
+            True,
+            marks=[pytest.mark.behaviour("revision_status_claims"), pytest.mark.needs("dynamic_storage")],
+            id="claims",
+        ),
+    ],
+)
+def test_revision_status_and_rollback(api, namespace, pods, pvcs, statefulsets, readiness, claims):
+    # Upstream's rollbackTest (statefulset.go:2354): the rollout, then the rollback, each started while
+    # pod 1 is unready, each completing once it is Ready again.
+    sts = create_web(api, namespace, 3, claims=claims, readiness_switch=True)
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
     first = settled_status(statefulsets, sts, "status", rolled_out(3))
     old = first["currentRevision"]
     assert first["updateRevision"] == old
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
+    kept = {f"data-{sts}-{i}" for i in range(3)} if claims else set()
+    claim_uids = {n: c["metadata"]["uid"] for n, c in pvcs.wait_for(lambda o: kept <= set(o), "the claims").items()}
 
-    pods.mark("update")
-    set_image(api, namespace, sts, NEW_IMAGE)
-    rolled = settled_status(
-        statefulsets, sts, "the rollout to finish", lambda s: s.get("updateRevision") != old and rolled_out(3)(s)
-    )
-    new = rolled["updateRevision"]
-    assert rolled["currentRevision"] == new
-    pods.wait_for(all_at(sts, range(3), new), "pods labelled with the new revision")
+    new = roll_across_unready_pod(api, pods, statefulsets, readiness, sts, NEW_IMAGE, old)
     history = _controller_revisions(api, namespace, sts)
     assert {old, new} <= set(history), f"ControllerRevisions {sorted(history)} lack {old} or {new}"
 
-    pods.mark("roll back")
-    rollback = set_image(api, namespace, sts, OLD_IMAGE)
-
-    def rolled_back(status):
-        # The first status that has seen the rollback names its revision: it fails there if that is new.
-        if status.get("observedGeneration", 0) >= rollback:
-            assert status.get("updateRevision") == old, (
-                f"the rollback got the update revision {status.get('updateRevision')}, not the old {old}"
-            )
-        return status.get("updateRevision") == old and rolled_out(3)(status)
-
-    back = settled_status(statefulsets, sts, "the rollback to finish", rolled_back)
-    assert back["currentRevision"] == old, "the rollback did not re-use the old ControllerRevision name"
-    pods.wait_for(all_at(sts, range(3), old), "pods back at the old revision")
+    back = roll_across_unready_pod(api, pods, statefulsets, readiness, sts, OLD_IMAGE, new, rollback_to=old)
+    assert back == old, "the rollback did not re-use the old ControllerRevision name"
     after = _controller_revisions(api, namespace, sts)
     assert set(after) == set(history), f"the rollback created a new ControllerRevision: {sorted(after)}"
     assert after[old] > history[new], "the re-used ControllerRevision was not given the newest revision number"
+    if claims:  # each pod came back on its own claim, which was neither deleted nor replaced
+        objs, now = pods.snapshot()[0], pvcs.snapshot()[0]
+        for i in range(3):
+            name = f"data-{sts}-{i}"
+            volumes = objs[pod_name(sts, i)]["spec"].get("volumes") or []
+            assert any((v.get("persistentVolumeClaim") or {}).get("claimName") == name for v in volumes), (
+                f"{pod_name(sts, i)} does not mount {name}"
+            )
+        assert {n: c["metadata"]["uid"] for n, c in now.items() if n in kept} == claim_uids, "a claim was replaced"
+
+
+def roll_across_unready_pod(
+    api, pods, statefulsets, readiness, sts: str, image: str, current: str, rollback_to: str | None = None
+) -> str:
+    """Upstream's rollbackTest step: pod 1 made unready, the image changed, pod 1 Ready again, the rollout
+    waited for; returns the update revision, now current. The status that observes the change names the
+    revisions (the old one again if `rollback_to`) and counts every pod at `current`, Ready or not (none
+    may be replaced while pod 1 is unready); pods are replaced from the top, each after the one above it
+    is Ready at the new revision."""
+    unready = pod_name(sts, 1)
+    pods.mark(f"make {unready} unready")
+    readiness.set(unready, False)
+    pods.wait_for(lambda o: not is_ready(o[unready]), f"{unready} unready")
+    # The controller has seen it (its next status, observing the change, is then decided with it).
+    settled_status(statefulsets, sts, "readyReplicas 2", lambda s: s.get("readyReplicas") == 2)
+
+    pods.mark(f"{'roll back' if rollback_to else 'update'} image to {image}")
+    generation = set_image(api, namespace=pods.namespace, sts=sts, image=image)
+    status = observed_status(statefulsets, sts, generation, "the status of the template change")
+    target = status.get("updateRevision")
+    if rollback_to:
+        assert target == rollback_to, f"the rollback got the update revision {target}, not the old {rollback_to}"
+    assert status.get("currentRevision") == current != target, f"no rollout from {current} pending: {status}"
+    counts = {k: status.get(k, 0) for k in ("currentReplicas", "updatedReplicas", "readyReplicas")}
+    assert counts == {"currentReplicas": 3, "updatedReplicas": 0, "readyReplicas": 2}, (
+        f"while {unready} is unready every pod is still at the current revision {current}: {counts}"
+    )
+
+    pods.mark(f"make {unready} ready again")
+    readiness.set(unready, True)
+    objs = pods.wait_for(updated_from_the_top(sts, range(3), target), f"every pod Ready at {target}")
+    assert set(images(objs, sts).values()) == {image}, f"pods at {target} with other images: {images(objs, sts)}"
+    settled_status(
+        statefulsets,
+        sts,
+        "the rollout to finish",
+        lambda s: rolled_out(3)(s) and s.get("currentRevision") == target and s.get("currentReplicas") == 3,
+    )
+    return target
 
 
 def _controller_revisions(api, namespace, sts) -> dict[str, int]:
@@ -171,6 +222,74 @@ def test_partition(api, namespace, pods, statefulsets, replicas, partition):
         "the rollout to finish",
         lambda s: rolled_out(replicas)(s) and s.get("currentRevision") == new,
     )
+
+
+@pytest.mark.behaviour("canary_phased_rollout")
+@pytest.mark.conformance("StatefulSet, Rolling Update with Partition")
+def test_canary_and_phased_rollout(api, namespace, pods, statefulsets):
+    # Upstream's spec step by step: a partition as high as replicas updates nothing (:378); lowered to 2
+    # it updates pod 2 alone, a canary; deleted pods come back on their side of it (:441); lowered one
+    # step at a time it updates exactly the next pod (:470), until the rollout completes.
+    sts = create_web(api, namespace, 3, updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": 3}})
+    objs = pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    first = settled_status(statefulsets, sts, "status", rolled_out(3))
+    old = first["currentRevision"]
+    assert first["updateRevision"] == old and set(revisions(objs, sts).values()) == {old}
+
+    pods.mark("update image, partition 3")
+    generation = set_image(api, namespace, sts, NEW_IMAGE)
+    status = observed_status(statefulsets, sts, generation, "the status of the update")
+    new = status["updateRevision"]
+    assert new != old and status["currentRevision"] == old, f"no rollout pending after the update: {status}"
+    uids = {i: pod["metadata"]["uid"] for i, pod in owned_pods(pods.snapshot()[0], sts).items()}
+    assert pods.stays(lambda o: all(untouched(o, pod_name(sts, i), uid) for i, uid in uids.items())), (
+        "a pod was replaced although partition 3 is above every ordinal"
+    )
+    assert set(images(pods.snapshot()[0], sts).values()) == {OLD_IMAGE}
+
+    def step(what: str, partition: int, back: set[int], act) -> None:
+        """act(), then exactly the pods `back` come again, each on its side of the partition."""
+        uids = {i: pod["metadata"]["uid"] for i, pod in owned_pods(pods.snapshot()[0], sts).items()}
+        pods.mark(what)
+        act()
+        objs = pods.wait_for(partitioned(sts, 3, partition, old, new, uids, back), f"{what}: pods {sorted(back)} back")
+        expected = {i: (NEW_IMAGE if i >= partition else OLD_IMAGE) for i in range(3)}
+        assert images(objs, sts) == expected, f"images {images(objs, sts)} after {what}, expected {expected}"
+
+    step("canary: partition 2", 2, {2}, lambda: set_partition(api, namespace, sts, 2))
+    step("delete pods 0 and 2", 2, {0, 2}, lambda: delete_pods(api, pods, [pod_name(sts, 0), pod_name(sts, 2)]))
+    for partition in (1, 0):
+        step(
+            f"phased: partition {partition}",
+            partition,
+            {partition},
+            lambda p=partition: set_partition(api, namespace, sts, p),
+        )
+    settled_status(
+        statefulsets, sts, "the rollout to finish", lambda s: rolled_out(3)(s) and s.get("currentRevision") == new
+    )
+
+
+def partitioned(sts: str, replicas: int, partition: int, old: str, new: str, uids: dict[int, str], back: set[int]):
+    """A pod recorder condition: true once the pods `back` have come again (new UIDs) and every pod is
+    Running and Ready on its side of the partition (below it at `old`, at or above it at `new`). Fails at
+    the event that replaces any other pod, or brings one back on the wrong side."""
+
+    def check(objs) -> bool:
+        present = owned_pods(objs, sts)
+        for i in range(replicas):
+            name = pod_name(sts, i)
+            if i not in back:
+                assert untouched(objs, name, uids[i]), f"{name} was replaced or taken down (partition {partition})"
+            elif replaced(objs, name, uids[i]):
+                side = new if i >= partition else old
+                got = revisions(objs, sts)[i]
+                assert got == side, f"{name} came back at revision {got}, not {side} (partition {partition})"
+        return all(replaced(objs, pod_name(sts, i), uids[i]) for i in back) and all(
+            is_ready(present[i]) for i in range(replicas)
+        )
+
+    return check
 
 
 @pytest.mark.behaviour("partition_with_failing_pod")
@@ -254,6 +373,21 @@ def test_partition_with_failing_pod(api, namespace, pods, statefulsets, failures
 def test_ondelete(api, namespace, pods, statefulsets):
     sts = create_web(api, namespace, 3, updateStrategy={"type": "OnDelete"})
     objs = pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
+    current = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
+    assert set(revisions(objs, sts).values()) == {current}, "pod labels do not carry the current revision"
+
+    # Upstream's first step (:664-680): pods deleted before any update come back at the current revision.
+    pods.mark("delete every pod, before any update")
+    gone = delete_pods(api, pods, [pod_name(sts, i) for i in range(3)])
+
+    def back_at_current(objs) -> bool:
+        for name, uid in gone.items():
+            if replaced(objs, name, uid):
+                got = objs[name]["metadata"]["labels"].get("controller-revision-hash")
+                assert got == current, f"{name} came back at revision {got}, not the current {current}"
+        return all(replaced(objs, name, uid) for name, uid in gone.items()) and running_and_ready(sts, range(3))(objs)
+
+    objs = pods.wait_for(back_at_current, "every pod back at the current revision")
     old = set(revisions(objs, sts).values())
     before = {name: pod["metadata"]["uid"] for name, pod in objs.items()}
 
@@ -324,18 +458,44 @@ def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
 )
 def test_max_unavailable(api, namespace, pods, statefulsets, policy):
     # Under OrderedReady too (upstream's "should perform rolling updates with maxUnavailable" runs a
-    # default, OrderedReady, set): kube-controller-manager v1.37.2 deletes maxUnavailable - unavailable
-    # pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
+    # default, OrderedReady, set of 5): kube-controller-manager v1.37.2 deletes maxUnavailable -
+    # unavailable pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
     sts = held_set_with_max_unavailable(api, namespace, pods, 2, policy)
     if sts is None:
         return
-    pods.mark("update image")
-    set_image(api, namespace, sts, NEW_IMAGE)
-    expect_taken_down(pods, sts, {3, 4}, f"maxUnavailable 2 under {policy}, from the top")
-    pods.mark("release the held pods")
-    for name, pod in pods.snapshot()[0].items():
-        if HOLD_FINALIZER in (pod["metadata"].get("finalizers") or []) and pod["metadata"].get("deletionTimestamp"):
-            release_finalizer(api, namespace, name)
+    old = settled_status(statefulsets, sts, "status", rolled_out(5))["currentRevision"]
+    assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
+
+    # The new revision's pods are held unscheduled until the test lets each go: on fake nodes a pod is
+    # Ready milliseconds after it is scheduled, too soon to see a controller that forgets them.
+    pods.mark("update image (new pods held unscheduled)")
+    generation = set_image(api, namespace, sts, NEW_IMAGE, held=True)
+    new = observed_status(statefulsets, sts, generation, "the status of the update")["updateRevision"]
+    assert new != old, "the template change made no new update revision"
+
+    # Upstream's waitForMaxUnavailableRollingUpdate: at most 2 unavailable through the WHOLE rollout (here
+    # at every pod event, missing and terminating pods included, as the controller counts them); the
+    # first batch is 2 at once, from the top.
+    within_budget, released = unavailable_at_most(sts, range(5), 2), set()
+    objs = pods.wait_for(lambda o: within_budget(o) and len(terminating_ordinals(o, sts)) >= 2, "2 pods taken down")
+    assert terminating_ordinals(objs, sts) == {3, 4}, (
+        f"maxUnavailable 2 under {policy} takes pods 3 and 4 down first, not {sorted(terminating_ordinals(objs, sts))}"
+    )
+    release_held(api, pods, objs, released)
+    pods.wait_for(lambda o: within_budget(o) and pending_holds(o, released), "the first new pod, held unscheduled")
+    assert pods.stays(within_budget)  # the guard fails at the event: the next batch taken down too early
+    objs = wait_releasing(
+        api, pods, lambda o: within_budget(o) and all_at(sts, range(5), new)(o), released, "every pod updated and Ready"
+    )
+    assert set(images(objs, sts).values()) == {NEW_IMAGE}, (
+        f"pods at the new revision with other images: {images(objs, sts)}"
+    )
+    settled_status(
+        statefulsets,
+        sts,
+        "the rollout to finish (updatedReplicas 5, currentRevision the update revision)",
+        lambda s: rolled_out(5)(s) and s.get("currentRevision") == new,
+    )
 
 
 @pytest.mark.behaviour("max_unavailable_percent")
