@@ -400,7 +400,7 @@ def local_volumes(api, cluster, namespace, pods):
         make_node_directories(api, pods, nodes, VOLUMES_PER_NODE)
     volumes = create_local_volumes(api, namespace, cluster.run_id, nodes, VOLUMES_PER_NODE)
     yield volumes
-    delete_local_volumes(api, volumes)
+    delete_local_volumes(api, namespace)
 
 
 @pytest.mark.behaviour("local_volumes_pod_affinity")
