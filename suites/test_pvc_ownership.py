@@ -132,23 +132,24 @@ def test_pvc_owner_references(api, namespace, pods, pvcs):
 @pytest.mark.behaviour("pvc_ownership_other_owner")
 @pytest.mark.needs("dynamic_storage")
 def test_pvc_other_owners(api, namespace, pods, pvcs, held_claims):
-    """Upstream's 'should not delete PVCs when there is another controller' (statefulset.go:1786), with one
-    claim more: claim 1 has a plain owner, claim 3 another set's controller reference (a stale one), claim
-    4 a controller reference to an earlier set of the same name. Under whenDeleted=Delete the set controls
-    claims 0 and 2, joins claim 1's plain owner and leaves 3 and 4 alone; deleting the set then takes 0
-    and 2 and leaves 1, 3 and 4 (which the test holds: the garbage collector deletes a claim whose only
-    owner is gone)."""
-    uid = ready_set(api, namespace, pods, pvcs, 5)
+    """Upstream's 'should not delete PVCs when there is another controller' (statefulset.go:1786) on its
+    four claims: claim 1 has a plain owner, claim 2 another set's controller reference (a stale one, where
+    upstream's claim 3 has it), claim 3 a controller reference to an earlier set of the same name (where
+    upstream's claim 2 is the set's alone, as claim 0 is). Under whenDeleted=Delete the set controls claim
+    0, joins claim 1's plain owner and leaves 2 and 3 alone; deleting the set then takes claim 0 and
+    leaves 1, 2 and 3 (which the test holds: the garbage collector deletes a claim whose only owner is
+    gone)."""
+    uid = ready_set(api, namespace, pods, pvcs, 4)
     config = other_owner(api, namespace, "random-owner-")
     plain_owner = [ref("ConfigMap", config.name, config.uid, controller=None, blocking=None)]
     stale_set = [ref("StatefulSet", "unknown", str(uuid.uuid4()), True)]
     earlier_set = [ref("StatefulSet", STS, str(uuid.uuid4()), True)]
-    pvcs.mark(f"{claim(1)}: a plain owner; {claim(3)}: another set's stale reference; {claim(4)}: an earlier set")
+    pvcs.mark(f"{claim(1)}: a plain owner; {claim(2)}: another set's stale reference; {claim(3)}: an earlier set")
     set_owners(api, namespace, claim(1), plain_owner)
-    held_claims += [claim(3), claim(4)]
-    set_owners(api, namespace, claim(3), stale_set, finalizers=[HOLD])
-    set_owners(api, namespace, claim(4), earlier_set, finalizers=[HOLD])
-    foreign = {claim(3): names(stale_set), claim(4): names(earlier_set)}
+    held_claims += [claim(2), claim(3)]
+    set_owners(api, namespace, claim(2), stale_set, finalizers=[HOLD])
+    set_owners(api, namespace, claim(3), earlier_set, finalizers=[HOLD])
+    foreign = {claim(2): names(stale_set), claim(3): names(earlier_set)}
     written = {claim(1): names(plain_owner), **foreign}
     pvcs.wait_for(lambda o: all(owners(o, n) == w for n, w in written.items()), "the test's owners recorded")
 
@@ -156,10 +157,9 @@ def test_pvc_other_owners(api, namespace, pods, pvcs, held_claims):
     set_policy(api, namespace, whenDeleted="Delete")
     the_set = ref("StatefulSet", STS, uid, True)  # controller and blockOwnerDeletion, as upstream expects
     beside = names(plain_owner + [the_set])
-    expected = {claim(0): names([the_set]), claim(1): beside, claim(2): names([the_set])}
     guard = left_alone(foreign)
-    reached = only_as_controller(expected, before={claim(1): names(plain_owner)})
-    pvcs.wait_for(lambda o: guard(o) and reached(o), "claims 0 and 2 controlled by the set, claim 1 beside its owner")
+    reached = only_as_controller({claim(0): names([the_set]), claim(1): beside}, before={claim(1): names(plain_owner)})
+    pvcs.wait_for(lambda o: guard(o) and reached(o), "claim 0 controlled by the set, claim 1 beside its owner")
 
     pvcs.mark("delete the StatefulSet")
     client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
@@ -169,8 +169,8 @@ def test_pvc_other_owners(api, namespace, pods, pvcs, held_claims):
         assert owners(objs, claim(1)) in (beside, names(plain_owner)), f"{claim(1)} has {owners(objs, claim(1))}"
         return guard(objs) and owners(objs, claim(1)) == names(plain_owner)
 
-    survivors = {claim(1), claim(3), claim(4)}
-    pvcs.wait_for(lambda o: kept(o) and set(o) == survivors, "claims 0 and 2 deleted with the set, 1, 3 and 4 kept")
+    survivors = {claim(1), claim(2), claim(3)}
+    pvcs.wait_for(lambda o: kept(o) and set(o) == survivors, "claim 0 deleted with the set, claims 1 to 3 kept")
     assert pvcs.stays(lambda o: kept(o) and set(o) == survivors), "a claim another owner holds was deleted later"
 
 
