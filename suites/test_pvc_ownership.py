@@ -1,11 +1,13 @@
 """Who owns a StatefulSet's claims under a Delete retention policy: upstream's 'Non-retain
 StatefulSetPersistentVolumeClaimPolicy' specs, asserted on the owner references the controller writes
 (kube-controller-manager's isClaimOwnerUpToDate: the set for whenDeleted, the pod of a scaled-down
-ordinal for whenScaled, always as controller) and on which claims the garbage collector then takes.
+ordinal for whenScaled, always as controller and with blockOwnerDeletion, as metav1.NewControllerRef
+writes them) and on which claims the garbage collector then takes.
 
 Claims the suite gives another owner are checked at every change: the controller must leave them
 exactly as the test wrote them, so a write of its own fails at that event."""
 
+import json
 import uuid
 
 import pytest
@@ -13,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from fixtures.recorder import owner_names
-from fixtures.sts import controller_uid, create, pod_name, running_and_ready, scale
+from fixtures.sts import controller_uid, create, pod_name, running_and_ready, scale, untouched
 
 STS = "sts-xiuxian"
 WEB = "headless-volumeclaimtemplates"
@@ -24,24 +26,22 @@ def claim(ordinal: int) -> str:
     return f"data-{STS}-{ordinal}"
 
 
-def ref(kind: str, name: str, uid: str, controller: bool) -> dict:
+def ref(kind: str, name: str, uid: str, controller: bool | None, blocking: bool | None = True) -> dict:
+    """An owner reference; None leaves the field out (as upstream's references to a ConfigMap do). The
+    controller's own are controller and blocking (metav1.NewControllerRef)."""
     api_version = {"StatefulSet": "apps/v1", "ConfigMap": "v1", "Pod": "v1"}[kind]
-    return {
-        "apiVersion": api_version,
-        "kind": kind,
-        "name": name,
-        "uid": uid,
-        "controller": controller,
-        "blockOwnerDeletion": True,
-    }
+    found = {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+    flags = {"controller": controller, "blockOwnerDeletion": blocking}
+    return found | {field: value for field, value in flags.items() if value is not None}
 
 
 def names(refs: list[dict]) -> list[str]:
-    return sorted(owner_names({"metadata": {"ownerReferences": refs}}))
+    """The references as the recorder shows them, in order (upstream compares the lists whole)."""
+    return owner_names({"metadata": {"ownerReferences": refs}})
 
 
 def owners(objs: dict, name: str) -> list[str]:
-    return sorted(owner_names(objs[name])) if name in objs else []
+    return owner_names(objs[name]) if name in objs else []
 
 
 def set_owners(api, namespace: str, name: str, refs: list[dict], finalizers: list[str] | None = None) -> None:
@@ -123,9 +123,7 @@ def test_pvc_owner_references(api, namespace, pods, pvcs):
             else:
                 _, events = pvcs.snapshot()
                 seen = [e.state["owners"] for e in events if e.name == name and e.type != "ACTION"]
-                assert pod_owned in [sorted(o) for o in seen], (
-                    f"{name} was deleted without its pod owning it first (owners seen: {seen})"
-                )
+                assert pod_owned in seen, f"{name} was deleted without its pod owning it first (owners seen: {seen})"
         return set(objs) == {claim(0)} and owners(objs, claim(0)) == the_set
 
     pvcs.wait_for(handed_to_pods, "claims 1 and 2 owned by their pods, then deleted with them")
@@ -134,39 +132,110 @@ def test_pvc_owner_references(api, namespace, pods, pvcs):
 @pytest.mark.behaviour("pvc_ownership_other_owner")
 @pytest.mark.needs("dynamic_storage")
 def test_pvc_other_owners(api, namespace, pods, pvcs, held_claims):
-    """A claim another controller owns, or one whose controller is an earlier set of the same name, is
-    neither re-owned nor deleted; a plain (non-controller) owner is kept beside the set's reference."""
+    """Upstream's 'should not delete PVCs when there is another controller' (statefulset.go:1786) on its
+    four claims: claim 1 has a plain owner, claim 2 another set's controller reference (a stale one, where
+    upstream's claim 3 has it), claim 3 a controller reference to an earlier set of the same name (where
+    upstream's claim 2 is the set's alone, as claim 0 is). Under whenDeleted=Delete the set controls claim
+    0, joins claim 1's plain owner and leaves 2 and 3 alone; deleting the set then takes claim 0 and
+    leaves 1, 2 and 3 (which the test holds: the garbage collector deletes a claim whose only owner is
+    gone)."""
     uid = ready_set(api, namespace, pods, pvcs, 4)
-    config = (
-        client.CoreV1Api(api)
-        .create_namespaced_config_map(namespace, {"metadata": {"generateName": "other-owner-"}})
-        .metadata
-    )
-    other_controller = [ref("ConfigMap", config.name, config.uid, True)]
-    plain_owner = [ref("ConfigMap", config.name, config.uid, False)]
-    earlier_set = [ref("StatefulSet", STS, str(uuid.uuid4()), True)]  # the GC deletes it: held by a finalizer
-    pvcs.mark(f"{claim(1)}: another controller; {claim(2)}: a plain owner; {claim(3)}: an earlier set")
-    set_owners(api, namespace, claim(1), other_controller)
-    set_owners(api, namespace, claim(2), plain_owner)
-    held_claims.append(claim(3))
+    config = other_owner(api, namespace, "random-owner-")
+    plain_owner = [ref("ConfigMap", config.name, config.uid, controller=None, blocking=None)]
+    stale_set = [ref("StatefulSet", "unknown", str(uuid.uuid4()), True)]
+    earlier_set = [ref("StatefulSet", STS, str(uuid.uuid4()), True)]
+    pvcs.mark(f"{claim(1)}: a plain owner; {claim(2)}: another set's stale reference; {claim(3)}: an earlier set")
+    set_owners(api, namespace, claim(1), plain_owner)
+    held_claims += [claim(2), claim(3)]
+    set_owners(api, namespace, claim(2), stale_set, finalizers=[HOLD])
     set_owners(api, namespace, claim(3), earlier_set, finalizers=[HOLD])
-    foreign = {claim(1): names(other_controller), claim(3): names(earlier_set)}
-    pvcs.wait_for(lambda o: all(owners(o, n) == w for n, w in foreign.items()), "the test's owners recorded")
+    foreign = {claim(2): names(stale_set), claim(3): names(earlier_set)}
+    written = {claim(1): names(plain_owner), **foreign}
+    pvcs.wait_for(lambda o: all(owners(o, n) == w for n, w in written.items()), "the test's owners recorded")
 
-    pvcs.mark("whenDeleted=Delete, whenScaled=Delete")
-    set_policy(api, namespace, whenDeleted="Delete", whenScaled="Delete")
-    the_set = ref("StatefulSet", STS, uid, True)
-    expected = {claim(0): names([the_set]), claim(2): names(plain_owner + [the_set])}
+    pvcs.mark("whenDeleted=Delete")
+    set_policy(api, namespace, whenDeleted="Delete")
+    the_set = ref("StatefulSet", STS, uid, True)  # controller and blockOwnerDeletion, as upstream expects
+    beside = names(plain_owner + [the_set])
     guard = left_alone(foreign)
-    reached = only_as_controller(expected, before={claim(2): names(plain_owner)})
-    pvcs.wait_for(lambda o: guard(o) and reached(o), "claims 0 and 2 controlled by the set")
-    assert pvcs.stays(guard), "a claim another owner holds was re-owned or deleted"
+    reached = only_as_controller({claim(0): names([the_set]), claim(1): beside}, before={claim(1): names(plain_owner)})
+    pvcs.wait_for(lambda o: guard(o) and reached(o), "claim 0 controlled by the set, claim 1 beside its owner")
 
-    pvcs.mark("scale to 1")
+    pvcs.mark("delete the StatefulSet")
+    client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
+
+    def kept(objs):  # claim 1 loses the set's reference and keeps its plain owner
+        assert claim(1) in objs, f"{claim(1)}, which a ConfigMap owns too, was deleted with the set"
+        assert owners(objs, claim(1)) in (beside, names(plain_owner)), f"{claim(1)} has {owners(objs, claim(1))}"
+        return guard(objs) and owners(objs, claim(1)) == names(plain_owner)
+
+    survivors = {claim(1), claim(2), claim(3)}
+    pvcs.wait_for(lambda o: kept(o) and set(o) == survivors, "claim 0 deleted with the set, claims 1 to 3 kept")
+    assert pvcs.stays(lambda o: kept(o) and set(o) == survivors), "a claim another owner holds was deleted later"
+
+
+@pytest.mark.behaviour("pvc_ownership_owner_removed")
+@pytest.mark.needs("dynamic_storage")
+def test_pvc_other_controller_removed(api, namespace, pods, pvcs):
+    """Upstream's 'should not delete PVC with OnScaledown policy if another controller owns the PVC'
+    (statefulset.go:1643): under whenScaled=Delete a claim another controller owns outlives the scale to
+    0; once that owner is removed it is the set's again, re-used on scale-up and deleted with its pod on
+    the next scale-down."""
+    ready_set(api, namespace, pods, pvcs, 3)
+    config = other_owner(api, namespace, "dummy-controller-")
+    other_controller = [ref("ConfigMap", config.name, config.uid, True, blocking=None)]
+    pvcs.mark(f"{claim(1)}: another controller")
+    set_owners(api, namespace, claim(1), other_controller)
+    pvcs.wait_for(lambda o: owners(o, claim(1)) == names(other_controller), "the test's owner recorded")
+    kept_uid = pvcs.snapshot()[0][claim(1)]["metadata"]["uid"]
+
+    pvcs.mark("whenScaled=Delete, then scale to 0")
+    set_policy(api, namespace, whenScaled="Delete")
+    scale(api, namespace, STS, 0)
+    guard = left_alone({claim(1): names(other_controller)})
+    pvcs.wait_for(lambda o: guard(o) and set(o) == {claim(1)}, f"claims 0 and 2 gone with their pods, {claim(1)} kept")
+
+    pvcs.mark(f"remove the owner of {claim(1)}")
+    client.CoreV1Api(api).patch_namespaced_persistent_volume_claim(
+        claim(1), namespace, [{"op": "remove", "path": "/metadata/ownerReferences"}]
+    )
+    pvcs.wait_for(lambda o: owners(o, claim(1)) == [], "the owner removal recorded")
+
+    pods.mark("scale to 2")
+    scale(api, namespace, STS, 2)
+    pods.wait_for(running_and_ready(STS, range(2)), "2 pods Running and Ready")
+    claims = pvcs.wait_for(lambda o: set(o) == {claim(0), claim(1)}, "claims 0 and 1")
+    assert claims[claim(1)]["metadata"]["uid"] == kept_uid, f"{claim(1)} was replaced: pod 1 must re-use it"
+
+    pod = pods.snapshot()[0][pod_name(STS, 1)]
+    pods.mark("scale to 1")
     scale(api, namespace, STS, 1)
-    pods.wait_for(lambda o: set(o) == {pod_name(STS, 0)}, "pods 1 to 3 gone")
-    pvcs.wait_for(lambda o: guard(o) and claim(2) in o, f"{claim(2)} kept for its other owner")
-    assert pvcs.stays(lambda o: guard(o) and claim(2) in o), "a claim with another owner was deleted"
+    pods.wait_for(lambda o: not untouched(o, pod_name(STS, 1), pod["metadata"]["uid"]), f"{pod_name(STS, 1)} deleted")
+    # The controller hands a condemned pod its claims before it deletes the pod (processCondemned's
+    # fixPodClaim pass), so the claim shows it now; a read, not the claim watch, which may lag the pods'.
+    the_pod = names([ref("Pod", pod_name(STS, 1), pod["metadata"]["uid"], True)])
+    assert claim_owners_now(api, namespace, claim(1)) in (the_pod, None), (
+        f"{pod_name(STS, 1)} is being deleted, but {claim(1)} is not its pod's to go with it"
+    )
+    pvcs.wait_for(lambda o: set(o) == {claim(0)}, f"{claim(1)} deleted with its pod this time")
+
+
+def other_owner(api, namespace: str, prefix: str):
+    """A ConfigMap to stand for another controller (as upstream's specs do)."""
+    body = {"metadata": {"generateName": prefix}}
+    return client.CoreV1Api(api).create_namespaced_config_map(namespace, body).metadata
+
+
+def claim_owners_now(api, namespace: str, name: str) -> list[str] | None:
+    """The claim's owners as the API has them now; None once it is gone or going."""
+    core = client.CoreV1Api(api)
+    try:
+        found = json.loads(core.read_namespaced_persistent_volume_claim(name, namespace, _preload_content=False).data)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return None if found["metadata"].get("deletionTimestamp") else owner_names(found)
 
 
 @pytest.mark.behaviour("pvc_ownership_adopted_pod")

@@ -2,6 +2,7 @@
 retention policy; static NFS PVs bound by size (seed 001); templates that cannot change."""
 
 import json
+import random
 
 import pytest
 from kubernetes import client
@@ -10,15 +11,21 @@ from kubernetes.client.rest import ApiException
 from fixtures import manifests
 from fixtures.backends import kind_addons
 from fixtures.execs import run_in, sh
+from fixtures.namespaces import cluster_scoped_labels
 from fixtures.sts import (
     create,
+    create_with_local_volumes,
     is_ready,
+    label_node,
     owned_pods,
     pod_name,
     recreate_pod,
+    restart,
     running_and_ready,
     scale,
+    settled_status,
 )
+from fixtures.volumes import create_local_volumes, delete_local_volumes, make_node_directories, schedulable_nodes
 
 STS = "sts-xiuxian"
 WEB = "headless-volumeclaimtemplates"
@@ -176,7 +183,7 @@ def static_pvs(api, cluster, namespace):
     created = []
     for doc in docs:
         doc["metadata"]["name"] = f"{namespace}-{doc['metadata']['name']}"
-        doc["metadata"]["labels"]["sts-conformance.k8s.io/namespace"] = namespace
+        doc["metadata"]["labels"].update(cluster_scoped_labels(cluster.run_id, namespace))
         created.append(core.create_persistent_volume(doc).metadata.name)
     yield created
     for name in created:
@@ -265,36 +272,168 @@ def test_data_survives_pod_deletion_redis(api, namespace, pods):
         assert run_in(api, namespace, f"redis-{i}", ["redis-cli", "get", "member"]).strip() == f"redis-{i}"
 
 
+HTML = "/usr/share/nginx/html"  # where the seed's nginx mounts its claim
+
+
+@pytest.mark.behaviour("data_survives_pod_deletion")
+@pytest.mark.needs("containers", "dynamic_storage")
+def test_data_survives_scale_to_zero(api, namespace, pods, statefulsets):
+    """Upstream's 'should provide basic identity' (statefulset.go:140): each pod's hostname written to its
+    volume (synced) and a symlink to it survive a restart of the set (scale to 0 and back), and the volume
+    is still usable."""
+    create(api, namespace, WEB, replicas=3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods")
+    for i in range(3):
+        sh(api, namespace, pod_name(STS, i), f"echo $(hostname) | dd of={HTML}/hostname conv=fsync")
+        sh(api, namespace, pod_name(STS, i), f"ln -s {HTML}/hostname {HTML}/hostname-symlink")
+    restart(api, namespace, statefulsets, STS, 3)
+    pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready again")
+    for i in range(3):
+        pod = pod_name(STS, i)
+        sh(api, namespace, pod, f"ls -idlh {HTML} && find {HTML} && touch {HTML}/$(date +%s%N)")  # CheckMount
+        for file in ("hostname", "hostname-symlink"):
+            assert run_in(api, namespace, pod, ["cat", f"{HTML}/{file}"]).strip() == pod, f"{pod} lost its {file}"
+
+
+@pytest.mark.behaviour("data_survives_pod_deletion")
+@pytest.mark.needs("containers", "dynamic_storage")
+def test_data_survives_set_recreation_many_volumes(api, namespace, pods, statefulsets):
+    """Upstream's 'pods that use multiple volumes should be reschedulable' (persistent_volumes.go:826): a
+    pod with four claims writes to each; the set is scaled to 0, deleted, and created again; the new pod
+    reads each file back from its own volume."""
+    sts = create(api, namespace, "multi-volume", replicas=1)
+    pod = pod_name(STS, 0)
+    pods.wait_for(running_and_ready(STS, range(1)), f"{pod} Running and Ready")
+    for n in range(4):
+        sh(api, namespace, pod, f"echo vol{n}-of-{namespace} | dd of=/mnt/vol{n}/data{n} conv=fsync")
+
+    statefulsets.mark("scale to 0, then delete the StatefulSet")
+    scale(api, namespace, STS, 0)
+    settled_status(statefulsets, STS, "status.replicas 0", lambda status: status.get("replicas", 0) == 0)
+    client.AppsV1Api(api).delete_namespaced_stateful_set(STS, namespace)
+    pods.wait_for(lambda o: not owned_pods(o, STS), "no pod left")
+    pods.mark("create the StatefulSet again")
+    manifests.apply(api, [sts])
+    pods.wait_for(running_and_ready(STS, range(1)), f"{pod} Running and Ready again")
+    for n in range(4):
+        found = run_in(api, namespace, pod, ["cat", f"/mnt/vol{n}/data{n}"]).strip()
+        assert found == f"vol{n}-of-{namespace}", f"{pod} reads {found!r} from vol{n}"
+
+
+@pytest.fixture
+def pinned_node(api, namespace):
+    """A random schedulable node with a label of the test's own, for its pods' nodeSelector (upstream pins
+    with kubernetes.io/hostname); the label is taken off again at teardown."""
+    node = random.choice(schedulable_nodes(api)).metadata.name
+    key = f"pin.sts-conformance.k8s.io/{namespace}"
+    label_node(api, node, key, "true")
+    yield node, key
+    label_node(api, node, key, None)
+
+
+def unschedulable(pod: dict) -> bool:
+    """The scheduler has tried the pod and found no node for it."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions)
+
+
 @pytest.mark.behaviour("missing_pvc_recreated")
-@pytest.mark.needs("dynamic_storage")
-def test_missing_pvc_recreated(api, namespace, pods, pvcs):
-    # The pod is held unscheduled, so it stays Pending, and the PVC protection does not keep its claim
-    # (only scheduled pods use a claim): deleting the claim leaves a Pending pod with a missing claim,
-    # which the controller must create again.
-    create(api, namespace, WEB, replicas=1, unscheduled=True)
+@pytest.mark.needs("dynamic_storage", "own_nodes")
+def test_missing_pvc_recreated(api, namespace, pods, pvcs, statefulsets, pinned_node):
+    """Upstream's 'PVC should be recreated when pod is pending due to missing PVC' (statefulset.go:1995):
+    the pod runs on the node it is pinned to; with the node closed, the pod is deleted and comes back
+    Pending, unscheduled, so nothing protects its claim, which is deleted. Once the node is open again the
+    scheduler finds the claim missing and says so on the pod, and the controller must create the claim
+    again: the same pod then runs on it, on its node. Upstream closes the node by cordoning it; here the
+    test takes its own label off the node (the pods' nodeSelector) and puts it back, which keeps the node
+    open to every other test's pods (runs with -n 2 share the nodes)."""
+    node, pin = pinned_node
+    create(api, namespace, WEB, replicas=1, node_selector={pin: "true"})
     name, claim_name = pod_name(STS, 0), claim(0)
-    pod_uid = pods.wait_for(lambda objs: name in objs, f"{name} created")[name]["metadata"]["uid"]
-    claim_uid = pvcs.wait_for(lambda objs: claim_name in objs, f"{claim_name} created")[claim_name]["metadata"]["uid"]
+    first = pods.wait_for(running_and_ready(STS, range(1)), f"{name} Running and Ready")[name]
+    assert first["spec"]["nodeName"] == node, f"{name} runs on {first['spec']['nodeName']}, not on {node}"
+    old_claim = pvcs.wait_for(bound({claim_name}), f"{claim_name} Bound")[claim_name]["metadata"]["uid"]
+
+    pods.mark(f"close {node} to the set's pods")
+    label_node(api, node, pin, None)
+    pending = recreate_pod(api, pods, name, lambda o: unschedulable(o[name]), f"{name} re-created and Unschedulable")
+    pod_uid = pending[name]["metadata"]["uid"]
 
     pvcs.mark(f"delete {claim_name}")
-    core = client.CoreV1Api(api)
-    core.delete_namespaced_persistent_volume_claim(claim_name, namespace)
-    pvcs.wait_for(lambda objs: objs.get(claim_name, {}).get("metadata", {}).get("uid") != claim_uid, "claim gone")
-    # Claims are not what the controller watches; a change to its pod makes it look at the set now
-    # rather than at its next resync (the claim must come back either way).
-    pvcs.mark(f"annotate {name}")
-    core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {"sts-conformance.k8s.io/nudge": "1"}}})
-    pvcs.wait_for(
-        lambda objs: (
-            claim_name in objs
-            and objs[claim_name]["metadata"]["uid"] != claim_uid
-            and not objs[claim_name]["metadata"].get("deletionTimestamp")
-        ),
-        f"{claim_name} created again for the Pending {name}",
-    )
-    pod = pods.snapshot()[0][name]
-    assert pod["metadata"]["uid"] == pod_uid, f"{name} was re-created: the claim must come back for the same pod"
-    assert (pod.get("status") or {}).get("phase") == "Pending", f"the hold failed: {name} is not Pending"
+    client.CoreV1Api(api).delete_namespaced_persistent_volume_claim(claim_name, namespace)
+    pvcs.wait_for(lambda o: uids(o).get(claim_name) != old_claim, f"{claim_name} gone")
+    pods.mark(f"open {node} again")
+    label_node(api, node, pin, "true")
+
+    def back_on_its_node(objs):
+        pod = objs.get(name)
+        assert pod and pod["metadata"]["uid"] == pod_uid, f"{name} was replaced: its claim must come back for it"
+        assert not pod["metadata"].get("deletionTimestamp"), f"{name} is being deleted"
+        assert pod["spec"].get("nodeName") in (None, node), f"{name} was scheduled to {pod['spec']['nodeName']}"
+        return is_ready(pod)
+
+    pods.wait_for(back_on_its_node, f"{name} Running and Ready on {node} again")
+    claims = pvcs.wait_for(bound({claim_name}), f"{claim_name} created again and Bound")
+    assert claims[claim_name]["metadata"]["uid"] != old_claim, f"{claim_name} was never deleted"
+    assert claim_of(pods.snapshot()[0][name]) == claim_name, f"{name} does not mount {claim_name}"
+    settled_status(statefulsets, STS, "readyReplicas 1", lambda status: status.get("readyReplicas") == 1)
+
+
+# Upstream's 'StatefulSet with pod affinity' specs (persistent_volumes-local.go:416-445): 3 replicas over
+# 6 local PVs on each node, and per pod as many claim templates as take them all where the pods spread
+# (6) or share one node (2); 1 under Parallel. Anti-affinity needs 3 nodes (upstream skips with fewer).
+VOLUMES_PER_NODE = 6
+LOCAL_VOLUME_CASES = [
+    pytest.param("OrderedReady", True, 6, marks=pytest.mark.needs("nodes"), id="anti-affinity"),
+    pytest.param("OrderedReady", False, 2, id="affinity"),
+    pytest.param("Parallel", True, 1, marks=pytest.mark.needs("nodes"), id="parallel-anti-affinity"),
+    pytest.param("Parallel", False, 1, id="parallel-affinity"),
+]
+
+
+@pytest.fixture
+def local_volumes(api, cluster, namespace, pods):
+    """6 local PVs on each schedulable node (at most 5) behind a StorageClass of the test's own, and
+    where kubelets mount them, their directories on the nodes."""
+    nodes = schedulable_nodes(api)
+    if cluster.capabilities.containers:
+        make_node_directories(api, pods, nodes, VOLUMES_PER_NODE)
+    volumes = create_local_volumes(api, namespace, cluster.run_id, nodes, VOLUMES_PER_NODE)
+    yield volumes
+    delete_local_volumes(api, namespace)
+
+
+@pytest.mark.behaviour("local_volumes_pod_affinity")
+@pytest.mark.parametrize("policy, anti, volumes", LOCAL_VOLUME_CASES)
+def test_local_volumes_with_pod_affinity(api, namespace, pods, pvcs, local_volumes, policy, anti, volumes):
+    create_with_local_volumes(api, namespace, local_volumes.storage_class, 3, volumes, anti, podManagementPolicy=policy)
+    templates = [f"vol{n}" for n in range(1, volumes + 1)]
+
+    def claims_on_their_pods_nodes(objs):
+        """Each scheduled pod's bound claims are on local PVs of the test on the pod's node."""
+        nodes = {i: pod["spec"].get("nodeName") for i, pod in owned_pods(objs, STS).items()}
+        placed = {i: n for i, n in nodes.items() if n}
+        if anti:
+            assert len(set(placed.values())) == len(placed), f"pods share a node despite anti-affinity: {placed}"
+        else:
+            assert len(set(placed.values())) <= 1, f"pods on several nodes despite affinity: {placed}"
+        claims = pvcs.snapshot()[0]
+        for i, node in placed.items():
+            for template in templates:
+                volume = (claims.get(claim(i, template=template)) or {}).get("spec", {}).get("volumeName")
+                if volume:
+                    assert local_volumes.node_of.get(volume) == node, (
+                        f"{claim(i, template=template)} of a pod on {node} is bound to {volume}, on "
+                        f"{local_volumes.node_of.get(volume, 'no node of the test')}"
+                    )
+        return running_and_ready(STS, range(3))(objs)
+
+    names = {claim(i, template=t) for i in range(3) for t in templates}
+    pods.wait_for(claims_on_their_pods_nodes, f"3 pods Running and Ready, {'spread' if anti else 'on one node'}")
+    claims = pvcs.wait_for(bound(names), f"{len(names)} claims Bound")
+    claims_on_their_pods_nodes(pods.snapshot()[0])  # the last bindings, once all are recorded
+    bound_to = [pvc["spec"]["volumeName"] for pvc in claims.values()]
+    assert len(set(bound_to)) == len(names), f"claims share local PVs: {sorted(bound_to)}"
 
 
 # Edits of a live set's claim templates: a bigger request, and a second template.
