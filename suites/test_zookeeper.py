@@ -9,7 +9,7 @@ from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import budget_allows_one, create, evict, pod_name, replaced, running_and_ready
+from fixtures.sts import budget_allows_one, create, evict, pod_name, replaced, restart, running_and_ready
 from fixtures.waits import eventually
 
 STS, HEADLESS = "zk", "zk-hs"
@@ -106,7 +106,7 @@ def test_zk_config(api, ensemble):
 
 
 @pytest.mark.behaviour("zk_quorum")
-def test_zk_quorum(api, ensemble, pods):
+def test_zk_quorum(api, ensemble, pods, statefulsets):
     modes = settled_modes(api, ensemble)
     assert modes == QUORUM, f"modes after {ELECTION_SECONDS}s: {modes}"
 
@@ -120,6 +120,18 @@ def test_zk_quorum(api, ensemble, pods):
     assert "world" in zk_cli(api, ensemble, 0, "get", "/hello"), "the ensemble stopped serving with one member down"
     pods.wait_for(lambda o: replaced(o, victim, old_uid) and running_and_ready(STS, range(3))(o), "a new zk-2 Ready")
     assert settled_modes(api, ensemble) == QUORUM, "the ensemble did not re-form after losing a member"
+
+    # Upstream's clustered-app spec (statefulset.go:1500, clusterAppTester.run) on this ensemble: written
+    # on member 0, Restart (scale to 0, status.replicas 0, back to 3), read on member 2. Every member
+    # must be a new pod, or the read proves nothing about data that outlives its pods.
+    members = {name: obj["metadata"]["uid"] for name, obj in pods.snapshot()[0].items() if name.startswith(f"{STS}-")}
+    restart(api, ensemble, statefulsets, STS, 3)
+    pods.wait_for(
+        lambda o: all(replaced(o, name, uid) for name, uid in members.items()) and running_and_ready(STS, range(3))(o),
+        "3 new zk members Ready after scaling to 0 and back",
+    )
+    assert settled_modes(api, ensemble) == QUORUM, "the restarted ensemble elected no leader"
+    assert "world" in zk_cli(api, ensemble, 2, "get", "/hello"), "the data did not survive scaling to 0 and back"
 
     pods.mark("delete and re-create the StatefulSet")
     docs = manifests.load("zookeeper", ensemble, replicas=3)
