@@ -19,6 +19,7 @@ from fixtures.sts import (
     observed_status,
     owned_pods,
     pod_name,
+    pods_after_sync,
     release_finalizer,
     release_gate,
     replaced,
@@ -162,10 +163,16 @@ def expect_ready_replicas(statefulsets, generation: int, ready: int, replicas: i
 
 @pytest.mark.behaviour("parallel_policy")
 @pytest.mark.conformance("StatefulSet, Burst Scaling")
-def test_parallel_policy(api, namespace, pods):
+def test_parallel_policy(api, namespace, pods, statefulsets):
     # Pods are held unscheduled (so never Ready) and, when deleted, Terminating: an OrderedReady
-    # controller would stop at pod 0 in both directions; a Parallel one must not wait.
+    # controller would stop at pod 0 in both directions; a Parallel one must not wait. One sync creates
+    # (or deletes) every pod (runForAll without monotonic, stateful_set_control.go:540), so the status
+    # of that sync is the event at which all three must show.
     create(api, namespace, WEB, replicas=3, podManagementPolicy="Parallel", unscheduled=True, on_delete=True)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the first sync")
+    assert set(owned_pods(after, STS)) == {0, 1, 2}, (
+        f"the first sync created pods {sorted(owned_pods(after, STS))}, not all 3 at once"
+    )
     pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "all 3 pods created while none is Ready")
     _, events = pods.snapshot()
     assert not any(e.state.get("ready") for e in events if e.type != "ACTION"), "a pod became Ready: hold failed"
@@ -176,7 +183,11 @@ def test_parallel_policy(api, namespace, pods):
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("scale to 0")
-    scale(api, namespace, STS, 0)
+    generation = scale(api, namespace, STS, 0)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 0", generation=generation)
+    assert terminating_ordinals(after, STS) == {0, 1, 2}, (
+        f"the sync of the scale to 0 took down pods {sorted(terminating_ordinals(after, STS))}, not all 3 at once"
+    )
     pods.wait_for(
         lambda objs: all(pod["metadata"].get("deletionTimestamp") for pod in objs.values()),
         "all 3 pods Terminating while none is gone",
