@@ -224,7 +224,11 @@ def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readines
     pods.wait_for(running_not_ready_pods(1), "pod 0 Running and not Ready")
     settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
     pods.mark("scale to 3")
-    scale(api, namespace, STS, 3)
+    generation = scale(api, namespace, STS, 3)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 3", generation=generation)
+    assert set(owned_pods(after, STS)) == {0, 1, 2}, (
+        f"the sync of the scale to 3 left pods {sorted(owned_pods(after, STS))}: it waited for the unready pod 0"
+    )
     pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "pods 1 and 2 created while pod 0 is unready")
 
     pods.mark("make pod 0 ready again")
@@ -237,7 +241,10 @@ def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readines
     pods.wait_for(running_not_ready_pods(3), "3 pods Running and not Ready")
     settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
     pods.mark("scale to 0")
-    scale(api, namespace, STS, 0)
+    generation = scale(api, namespace, STS, 0)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 0", generation=generation)
+    kept = set(owned_pods(after, STS)) - terminating_ordinals(after, STS)
+    assert not kept, f"the sync of the scale to 0 kept the unready pods {sorted(kept)}"
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "every unready pod deleted")
     settled_status(statefulsets, STS, "status.replicas 0", lambda s: s.get("replicas", 0) == 0)
 
@@ -281,7 +288,7 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, statefulsets, readines
 
 @pytest.mark.behaviour("predecessor_failure_no_deadlock")
 @pytest.mark.parametrize("failure", ["deleted", "Failed"])
-def test_predecessor_failure_no_deadlock(api, namespace, pods, readiness, failure):
+def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, readiness, failure):
     # Upstream's scenario: pod 1 unready, then pod 0 goes. Pod 0 is first in order, so the unready
     # pod 1 must not keep it from coming back, nor be replaced itself.
     create(api, namespace, WEB, replicas=2, readiness_switch=True)
