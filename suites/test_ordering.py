@@ -305,6 +305,16 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, rea
     else:
         set_phase(api, namespace, first, "Failed")
 
+    # The first status whose counts show the failure (pod 0 missing, or no pod Ready) comes from the sync
+    # that saw it, and that sync re-creates a missing pod 0 or deletes a Failed one: ordinal 0 is first
+    # in processReplica's order, and nothing above it is looked at before (stateful_set_control.go:429-453).
+    if failure == "deleted":
+        saw, done = (lambda s: s.get("replicas", 0) < 2), (lambda objs: replaced(objs, first, uids[first]))
+    else:
+        saw, done = (lambda s: s.get("readyReplicas", 0) == 0), (lambda objs: not untouched(objs, first, uids[first]))
+    _, after = pods_after_sync(api, statefulsets, STS, f"the status of the sync that saw {first} {failure}", saw)
+    assert done(after), f"the sync that saw {first} {failure} left it so while {second} was unready"
+
     def second_untouched(objs) -> bool:
         assert untouched(objs, second, uids[second]), f"the unready {second} was deleted or replaced"
         return True
