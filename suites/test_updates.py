@@ -24,6 +24,7 @@ from fixtures.sts import (
     patch_spec,
     pending_holds,
     pod_name,
+    pods_after_sync,
     ready_since,
     recreate_pod,
     release_finalizer,
@@ -161,8 +162,19 @@ def roll_across_unready_pod(
         f"while {unready} is unready every pod is still at the current revision {current}: {counts}"
     )
 
+    top = pod_name(sts, 2)
+    top_uid = pods.snapshot()[0][top]["metadata"]["uid"]  # still at `current`: nothing rolled while pod 1 was unready
     pods.mark(f"make {unready} ready again")
     readiness.set(unready, True)
+    # The sync that first counts every pod Ready finds nothing blocking and takes the top pod down
+    # (updateStatefulSetAfterInvariantEstablished, stateful_set_control.go:917-930) before it writes that
+    # status: the rollout must have begun there.
+    _, after = pods_after_sync(
+        api, statefulsets, sts, f"the status that counts {unready} Ready", lambda s: s.get("readyReplicas") == 3
+    )
+    assert not untouched(after, top, top_uid), (
+        f"the sync that saw every pod Ready left {top} at {current}: the rollout to {target} did not begin"
+    )
     objs = pods.wait_for(updated_from_the_top(sts, range(3), target), f"every pod Ready at {target}")
     assert set(images(objs, sts).values()) == {image}, f"pods at {target} with other images: {images(objs, sts)}"
     settled_status(
