@@ -391,6 +391,14 @@ def test_ondelete(api, namespace, pods, statefulsets):
     # Upstream's first step (:664-680): pods deleted before any update come back at the current revision.
     pods.mark("delete every pod, before any update")
     gone = delete_pods(api, pods, [pod_name(sts, i) for i in range(3)])
+    # The first status that counts fewer than 3 pods is written by the sync that saw them gone, and that
+    # sync creates the lowest missing one (processReplica, stateful_set_control.go:439-451).
+    _, after = pods_after_sync(
+        api, statefulsets, sts, "the status of the sync that saw pods gone", lambda s: s.get("replicas", 0) < 3
+    )
+    assert any(replaced(after, name, uid) for name, uid in gone.items()), (
+        "the sync that saw the deleted pods gone created none of them again"
+    )
 
     def back_at_current(objs) -> bool:
         for name, uid in gone.items():
