@@ -490,8 +490,15 @@ def test_max_unavailable(api, namespace, pods, statefulsets, policy):
     # Ready milliseconds after it is scheduled, too soon to see a controller that forgets them.
     pods.mark("update image (new pods held unscheduled)")
     generation = set_image(api, namespace, sts, NEW_IMAGE, held=True)
-    new = observed_status(statefulsets, sts, generation, "the status of the update")["updateRevision"]
+    status, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
+    new = status["updateRevision"]
     assert new != old, "the template change made no new update revision"
+    # The sync that observes the change takes maxUnavailable pods down at once, before it writes that
+    # status (updateStatefulSetAfterInvariantEstablished, stateful_set_control.go:896-931).
+    assert terminating_ordinals(after, sts) == {3, 4}, (
+        f"the sync of the update under {policy} took pods {sorted(terminating_ordinals(after, sts))} down, "
+        "not maxUnavailable 2 at once (pods 3 and 4)"
+    )
 
     # Upstream's waitForMaxUnavailableRollingUpdate: at most 2 unavailable through the WHOLE rollout (here
     # at every pod event, missing and terminating pods included, as the controller counts them); the
