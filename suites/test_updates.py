@@ -532,7 +532,12 @@ def test_max_unavailable_percent(api, namespace, pods, statefulsets):
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
-    set_image(api, namespace, sts, NEW_IMAGE)
+    generation = set_image(api, namespace, sts, NEW_IMAGE)
+    _, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
+    assert terminating_ordinals(after, sts) == {3, 4}, (
+        f"the sync of the update took pods {sorted(terminating_ordinals(after, sts))} down at once, not 2 "
+        "(50% of 5 rounds down to 2): pods 3 and 4"
+    )
     expect_taken_down(pods, sts, {3, 4}, "50% of 5 rounds down to 2")
 
     pods.mark("maxUnavailable 10%")
