@@ -298,6 +298,14 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, rea
     pods.mark(f"make {second} unready")
     readiness.set(second, False)
     pods.wait_for(lambda objs: not is_ready(objs[second]), f"{second} unready")
+    # A status counting both pods, pod 1 unready: the statuses of the scale-up (replicas 1) are behind it,
+    # so the one below that shows the failure is written after it.
+    settled_status(
+        statefulsets,
+        STS,
+        f"{second} unready in the status",
+        lambda s: (s.get("replicas"), s.get("readyReplicas")) == (2, 1),
+    )
 
     pods.mark(f"{first} {failure}")
     if failure == "deleted":
