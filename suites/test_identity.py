@@ -18,6 +18,7 @@ from fixtures.sts import (
     recreate_pod,
     replaced,
     running_and_ready,
+    settled_status,
 )
 
 STS = "sts-xiuxian"
@@ -157,7 +158,7 @@ def test_hostname_in_pod(api, namespace, pods):
 
 
 @pytest.mark.behaviour("orphan_adoption")
-def test_orphan_adoption(api, namespace, pods):
+def test_orphan_adoption(api, namespace, pods, statefulsets):
     # Upstream's scenario (statefulset.go:190): the pod orphaned is adopted again, released when its
     # labels are taken away, and adopted again when they are put back. Each adoption is the same pod
     # (no replacement) with the set as controller; a controller reference to anything else fails at once.
@@ -167,9 +168,12 @@ def test_orphan_adoption(api, namespace, pods):
     core, name = client.CoreV1Api(api), pod_name(STS, 0)
     assert controller_uid(before) == sts_uid, f"{name} was not created with the set as its controller"
 
+    settled_status(statefulsets, STS, f"a status counting {name} Ready", lambda s: s.get("readyReplicas") == 1)
     pods.mark(f"orphan {name}")
     orphaned = core.patch_namespaced_pod(name, namespace, [{"op": "remove", "path": "/metadata/ownerReferences"}])
-    adopted = pods.wait_for(adopted_after(name, sts_uid, before, orphaned), f"{name} adopted")[name]
+    statefulsets.wakes(pods)
+    adoption = adopted_after(name, sts_uid, before, orphaned)
+    adopted = pods.wait_for(lambda objs: counted(statefulsets, name) and adoption(objs), f"{name} adopted")[name]
     assert adopted["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not adopted"
 
     pods.mark(f"remove the labels of {name}")
@@ -185,6 +189,15 @@ def test_orphan_adoption(api, namespace, pods):
     relabelled = core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": labels}})
     readopted = pods.wait_for(adopted_after(name, sts_uid, released, relabelled), f"{name} adopted again")[name]
     assert readopted["metadata"]["uid"] == before["metadata"]["uid"], f"{name} was replaced, not adopted again"
+
+
+def counted(statefulsets, name: str) -> bool:
+    """A guard while an orphan waits for adoption: a sync claims (adopts) matching orphans before it
+    counts the pods (getPodsForStatefulSet, stateful_set.go:387-399), so no status it writes counts no pod; one
+    that does comes from a sync that left the orphan alone."""
+    status = (statefulsets.snapshot()[0].get(STS) or {}).get("status") or {}
+    assert status.get("replicas", 0) > 0, f"the controller wrote a status counting no pod: it did not adopt {name}"
+    return True
 
 
 def adopted_after(name: str, sts_uid: str, *writes):

@@ -19,6 +19,7 @@ from fixtures.sts import (
     observed_status,
     owned_pods,
     pod_name,
+    pods_after_sync,
     release_finalizer,
     release_gate,
     replaced,
@@ -162,10 +163,16 @@ def expect_ready_replicas(statefulsets, generation: int, ready: int, replicas: i
 
 @pytest.mark.behaviour("parallel_policy")
 @pytest.mark.conformance("StatefulSet, Burst Scaling")
-def test_parallel_policy(api, namespace, pods):
+def test_parallel_policy(api, namespace, pods, statefulsets):
     # Pods are held unscheduled (so never Ready) and, when deleted, Terminating: an OrderedReady
-    # controller would stop at pod 0 in both directions; a Parallel one must not wait.
+    # controller would stop at pod 0 in both directions; a Parallel one must not wait. One sync creates
+    # (or deletes) every pod (runForAll without monotonic, stateful_set_control.go:540), so the status
+    # of that sync is the event at which all three must show.
     create(api, namespace, WEB, replicas=3, podManagementPolicy="Parallel", unscheduled=True, on_delete=True)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the first sync")
+    assert set(owned_pods(after, STS)) == {0, 1, 2}, (
+        f"the first sync created pods {sorted(owned_pods(after, STS))}, not all 3 at once"
+    )
     pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "all 3 pods created while none is Ready")
     _, events = pods.snapshot()
     assert not any(e.state.get("ready") for e in events if e.type != "ACTION"), "a pod became Ready: hold failed"
@@ -176,7 +183,11 @@ def test_parallel_policy(api, namespace, pods):
     pods.wait_for(running_and_ready(STS, range(3)), "3 pods Running and Ready")
 
     pods.mark("scale to 0")
-    scale(api, namespace, STS, 0)
+    generation = scale(api, namespace, STS, 0)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 0", generation=generation)
+    assert terminating_ordinals(after, STS) == {0, 1, 2}, (
+        f"the sync of the scale to 0 took down pods {sorted(terminating_ordinals(after, STS))}, not all 3 at once"
+    )
     pods.wait_for(
         lambda objs: all(pod["metadata"].get("deletionTimestamp") for pod in objs.values()),
         "all 3 pods Terminating while none is gone",
@@ -213,7 +224,11 @@ def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readines
     pods.wait_for(running_not_ready_pods(1), "pod 0 Running and not Ready")
     settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
     pods.mark("scale to 3")
-    scale(api, namespace, STS, 3)
+    generation = scale(api, namespace, STS, 3)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 3", generation=generation)
+    assert set(owned_pods(after, STS)) == {0, 1, 2}, (
+        f"the sync of the scale to 3 left pods {sorted(owned_pods(after, STS))}: it waited for the unready pod 0"
+    )
     pods.wait_for(lambda objs: set(owned_pods(objs, STS)) == {0, 1, 2}, "pods 1 and 2 created while pod 0 is unready")
 
     pods.mark("make pod 0 ready again")
@@ -226,7 +241,10 @@ def test_parallel_unhealthy_scaling(api, namespace, pods, statefulsets, readines
     pods.wait_for(running_not_ready_pods(3), "3 pods Running and not Ready")
     settled_status(statefulsets, STS, "status.readyReplicas 0", lambda s: s.get("readyReplicas", 0) == 0)
     pods.mark("scale to 0")
-    scale(api, namespace, STS, 0)
+    generation = scale(api, namespace, STS, 0)
+    _, after = pods_after_sync(api, statefulsets, STS, "the status of the scale to 0", generation=generation)
+    kept = set(owned_pods(after, STS)) - terminating_ordinals(after, STS)
+    assert not kept, f"the sync of the scale to 0 kept the unready pods {sorted(kept)}"
     pods.wait_for(lambda objs: not owned_pods(objs, STS), "every unready pod deleted")
     settled_status(statefulsets, STS, "status.replicas 0", lambda s: s.get("replicas", 0) == 0)
 
@@ -270,7 +288,7 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, statefulsets, readines
 
 @pytest.mark.behaviour("predecessor_failure_no_deadlock")
 @pytest.mark.parametrize("failure", ["deleted", "Failed"])
-def test_predecessor_failure_no_deadlock(api, namespace, pods, readiness, failure):
+def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, readiness, failure):
     # Upstream's scenario: pod 1 unready, then pod 0 goes. Pod 0 is first in order, so the unready
     # pod 1 must not keep it from coming back, nor be replaced itself.
     create(api, namespace, WEB, replicas=2, readiness_switch=True)
@@ -280,12 +298,30 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, readiness, failur
     pods.mark(f"make {second} unready")
     readiness.set(second, False)
     pods.wait_for(lambda objs: not is_ready(objs[second]), f"{second} unready")
+    # A status counting both pods, pod 1 unready: the statuses of the scale-up (replicas 1) are behind it,
+    # so the one below that shows the failure is written after it.
+    settled_status(
+        statefulsets,
+        STS,
+        f"{second} unready in the status",
+        lambda s: (s.get("replicas"), s.get("readyReplicas")) == (2, 1),
+    )
 
     pods.mark(f"{first} {failure}")
     if failure == "deleted":
         client.CoreV1Api(api).delete_namespaced_pod(first, namespace)
     else:
         set_phase(api, namespace, first, "Failed")
+
+    # The first status whose counts show the failure (pod 0 missing, or no pod Ready) comes from the sync
+    # that saw it, and that sync re-creates a missing pod 0 or deletes a Failed one: ordinal 0 is first
+    # in processReplica's order, and nothing above it is looked at before (stateful_set_control.go:429-453).
+    if failure == "deleted":
+        saw, done = (lambda s: s.get("replicas", 0) < 2), (lambda objs: replaced(objs, first, uids[first]))
+    else:
+        saw, done = (lambda s: s.get("readyReplicas", 0) == 0), (lambda objs: not untouched(objs, first, uids[first]))
+    _, after = pods_after_sync(api, statefulsets, STS, f"the status of the sync that saw {first} {failure}", saw)
+    assert done(after), f"the sync that saw {first} {failure} left it so while {second} was unready"
 
     def second_untouched(objs) -> bool:
         assert untouched(objs, second, uids[second]), f"the unready {second} was deleted or replaced"

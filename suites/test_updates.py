@@ -27,6 +27,7 @@ from fixtures.sts import (
     patch_spec,
     pending_holds,
     pod_name,
+    pods_after_sync,
     ready_since,
     recreate_pod,
     release_finalizer,
@@ -165,8 +166,19 @@ def roll_across_unready_pod(
         f"while {unready} is unready every pod is still at the current revision {current}: {counts}"
     )
 
+    top = pod_name(sts, 2)
+    top_uid = pods.snapshot()[0][top]["metadata"]["uid"]  # still at `current`: nothing rolled while pod 1 was unready
     pods.mark(f"make {unready} ready again")
     readiness.set(unready, True)
+    # The sync that first counts every pod Ready finds nothing blocking and takes the top pod down
+    # (updateStatefulSetAfterInvariantEstablished, stateful_set_control.go:917-930) before it writes that
+    # status: the rollout must have begun there.
+    _, after = pods_after_sync(
+        api, statefulsets, sts, f"the status that counts {unready} Ready", lambda s: s.get("readyReplicas") == 3
+    )
+    assert not untouched(after, top, top_uid), (
+        f"the sync that saw every pod Ready left {top} at {current}: the rollout to {target} did not begin"
+    )
     objs = pods.wait_for(updated_from_the_top(sts, range(3), target), f"every pod Ready at {target}")
     assert set(images(objs, sts).values()) == {image}, f"pods at {target} with other images: {images(objs, sts)}"
     settled_status(
@@ -383,6 +395,14 @@ def test_ondelete(api, namespace, pods, statefulsets):
     # Upstream's first step (:664-680): pods deleted before any update come back at the current revision.
     pods.mark("delete every pod, before any update")
     gone = delete_pods(api, pods, [pod_name(sts, i) for i in range(3)])
+    # The first status that counts fewer than 3 pods is written by the sync that saw them gone, and that
+    # sync creates the lowest missing one (processReplica, stateful_set_control.go:439-451).
+    _, after = pods_after_sync(
+        api, statefulsets, sts, "the status of the sync that saw pods gone", lambda s: s.get("replicas", 0) < 3
+    )
+    assert any(replaced(after, name, uid) for name, uid in gone.items()), (
+        "the sync that saw the deleted pods gone created none of them again"
+    )
 
     def back_at_current(objs) -> bool:
         for name, uid in gone.items():
@@ -474,8 +494,15 @@ def test_max_unavailable(api, namespace, pods, statefulsets, policy):
     # Ready milliseconds after it is scheduled, too soon to see a controller that forgets them.
     pods.mark("update image (new pods held unscheduled)")
     generation = set_image(api, namespace, sts, NEW_IMAGE, held=True)
-    new = observed_status(statefulsets, sts, generation, "the status of the update")["updateRevision"]
+    status, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
+    new = status["updateRevision"]
     assert new != old, "the template change made no new update revision"
+    # The sync that observes the change takes maxUnavailable pods down at once, before it writes that
+    # status (updateStatefulSetAfterInvariantEstablished, stateful_set_control.go:896-931).
+    assert terminating_ordinals(after, sts) == {3, 4}, (
+        f"the sync of the update under {policy} took pods {sorted(terminating_ordinals(after, sts))} down, "
+        "not maxUnavailable 2 at once (pods 3 and 4)"
+    )
 
     # Upstream's waitForMaxUnavailableRollingUpdate: at most 2 unavailable through the WHOLE rollout (here
     # at every pod event, missing and terminating pods included, as the controller counts them); the
@@ -509,7 +536,12 @@ def test_max_unavailable_percent(api, namespace, pods, statefulsets):
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
-    set_image(api, namespace, sts, NEW_IMAGE)
+    generation = set_image(api, namespace, sts, NEW_IMAGE)
+    _, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
+    assert terminating_ordinals(after, sts) == {3, 4}, (
+        f"the sync of the update took pods {sorted(terminating_ordinals(after, sts))} down at once, not 2 "
+        "(50% of 5 rounds down to 2): pods 3 and 4"
+    )
     expect_taken_down(pods, sts, {3, 4}, "50% of 5 rounds down to 2")
 
     pods.mark("maxUnavailable 10%")
@@ -814,8 +846,15 @@ def test_parallel_broken_revision_recovers(api, namespace, pods, statefulsets):
 
     pods.mark("fix the template")
     generation = hold_template(api, namespace, sts, held=False)
-    fixed = observed_status(statefulsets, sts, generation, "the status of the fixed template")["updateRevision"]
+    status, after = pods_after_sync(api, statefulsets, sts, "the status of the fixed template", generation=generation)
+    fixed = status["updateRevision"]
     assert fixed != broken, "fixing the template made no new update revision"
+    # Its pods are unavailable already: the sync that observes the fix replaces them at no cost to the
+    # budget, the top one first whatever the version (stateful_set_control.go:882-894, :749-760).
+    top = after.get(pod_name(sts, 2))
+    assert top is None or top["metadata"].get("deletionTimestamp") or revisions(after, sts).get(2) == fixed, (
+        f"the sync that observed the fix left {pod_name(sts, 2)} at the broken revision {broken}"
+    )
     pods.wait_for(all_at(sts, range(3), fixed), "every pod replaced at the fixed revision and Ready")
     settled_status(
         statefulsets, sts, "the rollout to finish", lambda s: rolled_out(3)(s) and s.get("currentRevision") == fixed
