@@ -5,8 +5,6 @@ import pytest
 from kubernetes import client
 from kubernetes.utils import FailToCreateError
 
-from fixtures import versions
-from fixtures.kube import server_version
 from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
@@ -411,13 +409,12 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert images(objs, sts)[1] == NEW_IMAGE
 
 
-def held_set_with_max_unavailable(api, namespace, pods, value, policy: str) -> str | None:
+def held_set_with_max_unavailable(api, namespace, pods, expects, value, policy: str) -> str | None:
     """A set of 5 Ready pods under podManagementPolicy `policy` whose deleted pods stay Terminating
     (held), so how many the controller takes down at once is visible, with rollingUpdate.maxUnavailable
     `value`. None where this version drops the field, as its gate default promises; a skip where the
     gate is absent."""
-    gate, version = "MaxUnavailableStatefulSet", server_version(api)
-    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    expected, why = expects("MaxUnavailableStatefulSet")
     if expected == "absent":
         pytest.skip(why)
     sts = create_web(
@@ -456,11 +453,11 @@ def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
         pytest.param("OrderedReady", marks=pytest.mark.behaviour("max_unavailable_ordered_ready")),
     ],
 )
-def test_max_unavailable(api, namespace, pods, statefulsets, policy):
+def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
     # Under OrderedReady too (upstream's "should perform rolling updates with maxUnavailable" runs a
     # default, OrderedReady, set of 5): kube-controller-manager v1.37.2 deletes maxUnavailable -
     # unavailable pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
-    sts = held_set_with_max_unavailable(api, namespace, pods, 2, policy)
+    sts = held_set_with_max_unavailable(api, namespace, pods, expects, 2, policy)
     if sts is None:
         return
     old = settled_status(statefulsets, sts, "status", rolled_out(5))["currentRevision"]
@@ -499,9 +496,9 @@ def test_max_unavailable(api, namespace, pods, statefulsets, policy):
 
 
 @pytest.mark.behaviour("max_unavailable_percent")
-def test_max_unavailable_percent(api, namespace, pods, statefulsets):
+def test_max_unavailable_percent(api, namespace, pods, statefulsets, expects):
     # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
-    sts = held_set_with_max_unavailable(api, namespace, pods, "50%", "Parallel")
+    sts = held_set_with_max_unavailable(api, namespace, pods, expects, "50%", "Parallel")
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
@@ -549,9 +546,8 @@ def test_min_ready_available(api, namespace, pods, statefulsets):
 
 
 @pytest.mark.behaviour("recreate_strategy")
-def test_recreate_strategy(api, namespace, pods, statefulsets):
-    gate, version = "StatefulSetRecreateStrategy", server_version(api)
-    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+def test_recreate_strategy(api, namespace, pods, statefulsets, expects):
+    expected, why = expects("StatefulSetRecreateStrategy")
     if expected == "absent":
         pytest.skip(why)
     try:
