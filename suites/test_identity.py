@@ -6,7 +6,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from fixtures import manifests, versions
+from fixtures import manifests
 from fixtures.execs import run_in
 from fixtures.failures import schedulable_node
 from fixtures.sts import (
@@ -242,12 +242,11 @@ def refused_fields(error: ApiException) -> set[str]:
 
 
 @pytest.mark.behaviour("invalid_service_name_rejected")
-def test_invalid_service_name_rejected(api, namespace):
+def test_invalid_service_name_rejected(api, namespace, expects):
     # kube-apiserver decides, no controller: a serviceName becomes each pod's spec.subdomain, a DNS-1123
     # label, so since 1.33 (kubernetes#130233) a new set must carry a valid one; older servers accepted
     # it and the controller then failed to create any pod.
-    change, version = "StatefulSetServiceNameValidation", client.VersionApi(api).get_code().git_version
-    expected, why = versions.expect(change, version), versions.reason(change, version)
+    expected, why = expects("StatefulSetServiceNameValidation")
     if expected == "absent":
         pytest.skip(why)  # the only skip: no server of this version refuses it
     apps = client.AppsV1Api(api)

@@ -5,8 +5,6 @@ import pytest
 from kubernetes import client
 from kubernetes.utils import FailToCreateError
 
-from fixtures import versions
-from fixtures.kube import server_version
 from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
     HOLD_FINALIZER,
@@ -435,13 +433,12 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert images(objs, sts)[1] == NEW_IMAGE
 
 
-def held_set_with_max_unavailable(api, namespace, pods, value, policy: str) -> str | None:
+def held_set_with_max_unavailable(api, namespace, pods, expects, value, policy: str) -> str | None:
     """A set of 5 Ready pods under podManagementPolicy `policy` whose deleted pods stay Terminating
     (held), so how many the controller takes down at once is visible, with rollingUpdate.maxUnavailable
     `value`. None where this version drops the field, as its gate default promises; a skip where the
     gate is absent."""
-    gate, version = "MaxUnavailableStatefulSet", server_version(api)
-    expected, why = versions.expect(gate, version), versions.reason(gate, version)
+    expected, why = expects("MaxUnavailableStatefulSet")
     if expected == "absent":
         pytest.skip(why)
     sts = create_web(
@@ -480,11 +477,11 @@ def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
         pytest.param("OrderedReady", marks=pytest.mark.behaviour("max_unavailable_ordered_ready")),
     ],
 )
-def test_max_unavailable(api, namespace, pods, statefulsets, policy):
+def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
     # Under OrderedReady too (upstream's "should perform rolling updates with maxUnavailable" runs a
     # default, OrderedReady, set of 5): kube-controller-manager v1.37.2 deletes maxUnavailable -
     # unavailable pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
-    sts = held_set_with_max_unavailable(api, namespace, pods, 2, policy)
+    sts = held_set_with_max_unavailable(api, namespace, pods, expects, 2, policy)
     if sts is None:
         return
     old = settled_status(statefulsets, sts, "status", rolled_out(5))["currentRevision"]
@@ -530,9 +527,9 @@ def test_max_unavailable(api, namespace, pods, statefulsets, policy):
 
 
 @pytest.mark.behaviour("max_unavailable_percent")
-def test_max_unavailable_percent(api, namespace, pods, statefulsets):
+def test_max_unavailable_percent(api, namespace, pods, statefulsets, expects):
     # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
-    sts = held_set_with_max_unavailable(api, namespace, pods, "50%", "Parallel")
+    sts = held_set_with_max_unavailable(api, namespace, pods, expects, "50%", "Parallel")
     if sts is None:
         return
     pods.mark("update image (maxUnavailable 50%)")
@@ -595,16 +592,10 @@ RECREATE_GATE = "StatefulSetRecreateStrategy"
 RECREATE = {"updateStrategy": {"type": "Recreate"}}
 
 
-def recreate_gate(api) -> tuple[str, str]:
-    """The gate's expectation on this server and why (the run's --feature-gates override its default)."""
-    version = server_version(api)
-    return versions.expect(RECREATE_GATE, version), versions.reason(RECREATE_GATE, version)
-
-
-def skip_unless_recreate_is_on(api) -> None:
+def skip_unless_recreate_is_on(expects) -> None:
     """Where the gate is absent or off, says why and skips: the API refuses Recreate there, and that
-    refusal is test_recreate_strategy's to prove."""
-    expected, why = recreate_gate(api)
+    refusal is test_recreate_strategy's to prove. (The run's --feature-gates override the default.)"""
+    expected, why = expects(RECREATE_GATE)
     if expected != "on":
         pytest.skip(why + ("" if expected == "absent" else "; the API's refusal is test_recreate_strategy's"))
 
@@ -656,11 +647,11 @@ def completed_update(pods, statefulsets, sts: str, replicas: int, image: str, re
 
 
 @pytest.mark.behaviour("recreate_strategy")
-def test_recreate_strategy(api, namespace, pods, statefulsets):
+def test_recreate_strategy(api, namespace, pods, statefulsets, expects):
     # Upstream's "should recreate all pods when the update strategy is Recreate" (statefulset.go:1269). The old
     # pods are held Terminating (a finalizer) and let go one at a time, lowest first, so a controller that
     # re-creates a pod before every old one is gone shows it at that event.
-    expected, why = recreate_gate(api)
+    expected, why = expects(RECREATE_GATE)
     if expected == "absent":
         pytest.skip(why)
     replicas = 5
@@ -696,11 +687,11 @@ def test_recreate_strategy(api, namespace, pods, statefulsets):
 
 
 @pytest.mark.behaviour("recreate_stuck_pods")
-def test_recreate_stuck_pods(api, namespace, pods, statefulsets):
+def test_recreate_stuck_pods(api, namespace, pods, statefulsets, expects):
     # Upstream's "should recreate stuck pods with ImagePullBackOff when the update strategy is Recreate"
     # (statefulset.go:1329): under OrderedReady the update to an unpullable image leaves only pod 0, stuck;
     # the next update must replace that stuck pod although it never got Ready.
-    skip_unless_recreate_is_on(api)
+    skip_unless_recreate_is_on(expects)
     replicas = 5
     sts = create_web(api, namespace, replicas, **RECREATE)
     old = created_at_one_revision(pods, statefulsets, sts, replicas)
@@ -726,10 +717,10 @@ def test_recreate_stuck_pods(api, namespace, pods, statefulsets):
 
 
 @pytest.mark.behaviour("recreate_parallel")
-def test_recreate_parallel(api, namespace, pods, statefulsets):
+def test_recreate_parallel(api, namespace, pods, statefulsets, expects):
     # Upstream's "should preserve Parallel PodManagementPolicy when recreating pods with recreate strategy"
     # (statefulset.go:1405): under Parallel every pod comes back at once, stuck or not.
-    skip_unless_recreate_is_on(api)
+    skip_unless_recreate_is_on(expects)
     replicas = 5
     sts = create_web(api, namespace, replicas, podManagementPolicy="Parallel", **RECREATE)
     old = created_at_one_revision(pods, statefulsets, sts, replicas)
