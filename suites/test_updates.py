@@ -686,6 +686,15 @@ def test_recreate_strategy(api, namespace, pods, statefulsets, expects):
     completed_update(pods, statefulsets, sts, replicas, NEW_IMAGE, new, {old})
 
 
+def fixing_the_image_completes(api, namespace, pods, statefulsets, sts: str, replicas: int, earlier: set) -> None:
+    """Upstream's last step of the stuck-pod specs: a template with a pullable image is a new revision, and
+    the update to it completes with every stuck pod replaced."""
+    pods.mark(f"update image to {NEW_IMAGE}")
+    fixed = update_to(api, namespace, statefulsets, sts, NEW_IMAGE)
+    assert fixed not in earlier, "the template change made no new update revision"
+    completed_update(pods, statefulsets, sts, replicas, NEW_IMAGE, fixed, earlier)
+
+
 @pytest.mark.behaviour("recreate_stuck_pods")
 def test_recreate_stuck_pods(api, namespace, pods, statefulsets, expects):
     # Upstream's "should recreate stuck pods with ImagePullBackOff when the update strategy is Recreate"
@@ -710,10 +719,7 @@ def test_recreate_stuck_pods(api, namespace, pods, statefulsets, expects):
     assert pods.stays(only_pod_0_stuck), "the set did not stay at one stuck pod"
     recreated_after_old_gone(pods, sts, {old})
 
-    pods.mark(f"update image to {NEW_IMAGE}")
-    fixed = update_to(api, namespace, statefulsets, sts, NEW_IMAGE)
-    assert fixed not in (old, broken), "the template change made no new update revision"
-    completed_update(pods, statefulsets, sts, replicas, NEW_IMAGE, fixed, {old, broken})
+    fixing_the_image_completes(api, namespace, pods, statefulsets, sts, replicas, {old, broken})
 
 
 @pytest.mark.behaviour("recreate_parallel")
@@ -738,10 +744,7 @@ def test_recreate_parallel(api, namespace, pods, statefulsets, expects):
     pods.wait_for(lambda o: guard(o) and all_stuck(o), f"all {replicas} pods at once, stuck in ImagePullBackOff")
     recreated_after_old_gone(pods, sts, {old})
 
-    pods.mark(f"update image to {NEW_IMAGE}")
-    fixed = update_to(api, namespace, statefulsets, sts, NEW_IMAGE)
-    assert fixed not in (old, broken), "the template change made no new update revision"
-    completed_update(pods, statefulsets, sts, replicas, NEW_IMAGE, fixed, {old, broken})
+    fixing_the_image_completes(api, namespace, pods, statefulsets, sts, replicas, {old, broken})
 
 
 @pytest.mark.behaviour("revision_history_limit")
