@@ -663,7 +663,9 @@ def test_recreate_strategy(api, namespace, pods, statefulsets, expects):
             f"creating a Recreate set: {error.status} {error.reason}; {why}"
         )
         assert "Recreate" in (error.body or ""), f"refused for another reason than the strategy: {error.body}"
-        return  # refused, as the gate being off promises
+        # Refused, as the gate being off promises; upstream's steps were not done, so the spec is not
+        # covered by this run (a pass here would read as the spec's).
+        pytest.skip(f"the API refused updateStrategy Recreate, as promised with the gate off: {why}")
     assert expected == "on", f"the API accepted updateStrategy Recreate, but {why}"
     old = created_at_one_revision(pods, statefulsets, sts, replicas)
 
