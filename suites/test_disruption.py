@@ -4,6 +4,7 @@ import pytest
 
 from fixtures import sts
 from fixtures.sts import (
+    ZOOKEEPER_WAIT_TIMEOUT,
     budget_allows_one,
     controlled_by,
     evict,
@@ -29,6 +30,7 @@ def members_ready(objs) -> bool:
 
 @pytest.mark.behaviour("pdb_eviction")
 @pytest.mark.needs("dynamic_storage")
+@pytest.mark.wait_timeout(ZOOKEEPER_WAIT_TIMEOUT)
 def test_pdb_eviction(api, namespace, pods, budgets):
     # An evicted pod stays Terminating until released, so "until the replacement is Ready" is ours to time.
     sts.create(api, namespace, "zookeeper", replicas=3, on_delete=True)

@@ -208,16 +208,34 @@ def test_pvc_other_controller_removed(api, namespace, pods, pvcs):
     assert claims[claim(1)]["metadata"]["uid"] == kept_uid, f"{claim(1)} was replaced: pod 1 must re-use it"
 
     pod = pods.snapshot()[0][pod_name(STS, 1)]
+    the_pod = names([ref("Pod", pod_name(STS, 1), pod["metadata"]["uid"], True)])
     pods.mark("scale to 1")
+    pvcs.mark("scale to 1")
+    since = len(pvcs.snapshot()[1])
     scale(api, namespace, STS, 1)
     pods.wait_for(lambda o: not untouched(o, pod_name(STS, 1), pod["metadata"]["uid"]), f"{pod_name(STS, 1)} deleted")
     # The controller hands a condemned pod its claims before it deletes the pod (processCondemned's
-    # fixPodClaim pass), so the claim shows it now; a read, not the claim watch, which may lag the pods'.
-    the_pod = names([ref("Pod", pod_name(STS, 1), pod["metadata"]["uid"], True)])
+    # fixPodClaim pass), so the claim shows it now: a read, not the claim watch, which may lag the pods'.
     assert claim_owners_now(api, namespace, claim(1)) in (the_pod, None), (
         f"{pod_name(STS, 1)} is being deleted, but {claim(1)} is not its pod's to go with it"
     )
+    # The read finds nothing once the garbage collector has taken the claim: the claim's watch has every
+    # version since the scale, and the one that handed it over must name the pod exactly (blocking too).
+    pvcs.wait_for(
+        lambda _: handed_only_to(pvcs.events[since:], claim(1), the_pod),
+        f"{claim(1)} handed to {pod_name(STS, 1)} in the claim's watch",
+    )
     pvcs.wait_for(lambda o: set(o) == {claim(0)}, f"{claim(1)} deleted with its pod this time")
+
+
+def handed_only_to(events: list, name: str, owners: list[str]) -> bool:
+    """True once a version of the claim has owners; fails at the first version whose owners are others."""
+    versions = [e for e in events if e.name == name and e.type != "ACTION" and e.state.get("owners")]
+    for version in versions:
+        assert version.state["owners"] == owners, (
+            f"{name} has owners {version.state['owners']} ({version.type}), not its condemned pod's {owners}"
+        )
+    return bool(versions)
 
 
 def other_owner(api, namespace: str, prefix: str):

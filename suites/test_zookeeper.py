@@ -9,7 +9,16 @@ from kubernetes.client.rest import ApiException
 
 from fixtures import manifests
 from fixtures.execs import run_in, sh
-from fixtures.sts import budget_allows_one, create, evict, pod_name, replaced, restart, running_and_ready
+from fixtures.sts import (
+    ZOOKEEPER_WAIT_TIMEOUT,
+    budget_allows_one,
+    create,
+    evict,
+    pod_name,
+    replaced,
+    restart,
+    running_and_ready,
+)
 from fixtures.waits import eventually
 
 STS, HEADLESS = "zk", "zk-hs"
@@ -17,8 +26,8 @@ MYID = "/var/lib/zookeeper/data/myid"
 
 pytestmark = [
     pytest.mark.needs("containers", "dynamic_storage", "nodes"),
-    pytest.mark.wait_timeout(600),
-]  # image pull and leader election on a fresh kind cluster
+    pytest.mark.wait_timeout(ZOOKEEPER_WAIT_TIMEOUT),
+]  # and leader election
 
 
 @pytest.fixture
