@@ -308,6 +308,7 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, rea
     )
 
     pods.mark(f"{first} {failure}")
+    since = len(statefulsets.snapshot()[1])
     if failure == "deleted":
         client.CoreV1Api(api).delete_namespaced_pod(first, namespace)
     else:
@@ -320,7 +321,9 @@ def test_predecessor_failure_no_deadlock(api, namespace, pods, statefulsets, rea
         saw, done = (lambda s: s.get("replicas", 0) < 2), (lambda objs: replaced(objs, first, uids[first]))
     else:
         saw, done = (lambda s: s.get("readyReplicas", 0) == 0), (lambda objs: not untouched(objs, first, uids[first]))
-    _, after = pods_after_sync(api, statefulsets, STS, f"the status of the sync that saw {first} {failure}", saw)
+    _, after = pods_after_sync(
+        api, statefulsets, STS, f"the status of the sync that saw {first} {failure}", saw, since=since
+    )
     assert done(after), f"the sync that saw {first} {failure} left it so while {second} was unready"
 
     def second_untouched(objs) -> bool:

@@ -167,12 +167,18 @@ def roll_across_unready_pod(
     top = pod_name(sts, 2)
     top_uid = pods.snapshot()[0][top]["metadata"]["uid"]  # still at `current`: nothing rolled while pod 1 was unready
     pods.mark(f"make {unready} ready again")
+    since = len(statefulsets.snapshot()[1])
     readiness.set(unready, True)
     # The sync that first counts every pod Ready finds nothing blocking and takes the top pod down
     # (updateStatefulSetAfterInvariantEstablished, stateful_set_control.go:917-930) before it writes that
     # status: the rollout must have begun there.
     _, after = pods_after_sync(
-        api, statefulsets, sts, f"the status that counts {unready} Ready", lambda s: s.get("readyReplicas") == 3
+        api,
+        statefulsets,
+        sts,
+        f"the status that counts {unready} Ready",
+        lambda s: s.get("readyReplicas") == 3,
+        since=since,
     )
     assert not untouched(after, top, top_uid), (
         f"the sync that saw every pod Ready left {top} at {current}: the rollout to {target} did not begin"
@@ -392,11 +398,17 @@ def test_ondelete(api, namespace, pods, statefulsets):
 
     # Upstream's first step (:664-680): pods deleted before any update come back at the current revision.
     pods.mark("delete every pod, before any update")
+    since = len(statefulsets.snapshot()[1])
     gone = delete_pods(api, pods, [pod_name(sts, i) for i in range(3)])
     # The first status that counts fewer than 3 pods is written by the sync that saw them gone, and that
     # sync creates the lowest missing one (processReplica, stateful_set_control.go:439-451).
     _, after = pods_after_sync(
-        api, statefulsets, sts, "the status of the sync that saw pods gone", lambda s: s.get("replicas", 0) < 3
+        api,
+        statefulsets,
+        sts,
+        "the status of the sync that saw pods gone",
+        lambda s: s.get("replicas", 0) < 3,
+        since=since,
     )
     assert any(replaced(after, name, uid) for name, uid in gone.items()), (
         "the sync that saw the deleted pods gone created none of them again"
