@@ -7,7 +7,6 @@ from kubernetes.utils import FailToCreateError
 
 from fixtures.recorder import Event, generic_state
 from fixtures.sts import (
-    HOLD_FINALIZER,
     NEW_IMAGE,
     OLD_IMAGE,
     UNPULLABLE_IMAGE,
@@ -16,6 +15,7 @@ from fixtures.sts import (
     create_web,
     created_while_old_left,
     delete_pods,
+    hold_on_delete,
     hold_template,
     images,
     is_ready,
@@ -335,7 +335,7 @@ def test_partition_with_failing_pod(api, namespace, pods, statefulsets, failures
     pods.wait_for(running_and_ready(sts, range(3)), "3 pods")
     old = settled_status(statefulsets, sts, "status", rolled_out(3))["currentRevision"]
     first = pod_name(sts, 0)
-    client.CoreV1Api(api).patch_namespaced_pod(first, namespace, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+    hold_on_delete(api, namespace, first)
 
     pods.mark("update image, partition 1")
     set_image(api, namespace, sts, NEW_IMAGE)
