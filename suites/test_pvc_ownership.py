@@ -44,10 +44,9 @@ def owners(objs: dict, name: str) -> list[str]:
     return owner_names(objs[name]) if name in objs else []
 
 
-def owners_seen(recorder, name: str, since: int, wanted: list[str]) -> bool:
-    """Whether the watch showed `name` with exactly these owners at some event after index `since`."""
-    _, events = recorder.snapshot()
-    return any(e.name == name and e.type != "ACTION" and e.state["owners"] == wanted for e in events[since:])
+def owner_versions(events: list, name: str) -> list[list[str]]:
+    """The owners of each version of the claim that these recorded events show, in order."""
+    return [e.state["owners"] for e in events if e.name == name and e.type != "ACTION"]
 
 
 def set_owners(api, namespace: str, name: str, refs: list[dict], finalizers: list[str] | None = None) -> None:
@@ -112,7 +111,9 @@ def test_pvc_owner_references(api, namespace, pods, pvcs):
     set_owners(api, namespace, claim(0), stripped)
     # In the watch, not in the current state: a sync that comes at once repairs it in the same millisecond
     # (seen in CI: the stripped and the repaired version 0.0 s apart, and a wait on the state timed out).
-    pvcs.wait_for(lambda _: owners_seen(pvcs, claim(0), since, names(stripped)), "the stripped reference recorded")
+    pvcs.wait_for(
+        lambda _: names(stripped) in owner_versions(pvcs.events[since:], claim(0)), "the stripped reference recorded"
+    )
     pvcs.mark("whenScaled=Delete too, which makes the controller sync the set")
     set_policy(api, namespace, whenDeleted="Delete", whenScaled="Delete")
     pvcs.wait_for(lambda o: owners(o, claim(0)) == the_set, f"{claim(0)} controlled by the set again")
@@ -130,8 +131,7 @@ def test_pvc_owner_references(api, namespace, pods, pvcs):
                 have = owners(objs, name)
                 assert have in (the_set, pod_owned), f"{name} has owners {have} while its pod is scaled down"
             else:
-                _, events = pvcs.snapshot()
-                seen = [e.state["owners"] for e in events if e.name == name and e.type != "ACTION"]
+                seen = owner_versions(pvcs.snapshot()[1], name)
                 assert pod_owned in seen, f"{name} was deleted without its pod owning it first (owners seen: {seen})"
         return set(objs) == {claim(0)} and owners(objs, claim(0)) == the_set
 
