@@ -25,6 +25,7 @@ from fixtures.sts import (
     patch_spec,
     pending_holds,
     pod_name,
+    pods_after_a_sync_now,
     pods_after_sync,
     ready_since,
     recreate_pod,
@@ -523,7 +524,11 @@ def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
     )
     release_held(api, pods, objs, released)
     pods.wait_for(lambda o: within_budget(o) and pending_holds(o, released), "the first new pod, held unscheduled")
-    assert pods.stays(within_budget)  # the guard fails at the event: the next batch taken down too early
+    # Two syncs that see the new pod held unready: a controller that neither counts it against the budget
+    # nor (OrderedReady) waits for it creates the rest of the batch in the first and takes the next batch
+    # down in the second. Asked for, not waited for: a loaded controller may not sync in a quiet window.
+    for n in (1, 2):
+        within_budget(pods_after_a_sync_now(api, statefulsets, sts, f"sync {n} with a new pod held unready"))
     objs = wait_releasing(
         api, pods, lambda o: within_budget(o) and all_at(sts, range(5), new)(o), released, "every pod updated and Ready"
     )
