@@ -346,7 +346,7 @@ def test_missing_pvc_recreated(api, namespace, pods, pvcs, statefulsets, pinned_
     scheduler finds the claim missing and says so on the pod, and the controller must create the claim
     again: the same pod then runs on it, on its node. Upstream closes the node by cordoning it; here the
     test takes its own label off the node (the pods' nodeSelector) and puts it back, which keeps the node
-    open to every other test's pods (runs with -n 2 share the nodes)."""
+    open to every other test's pods (runs with xdist workers share the nodes)."""
     node, pin = pinned_node
     create(api, namespace, WEB, replicas=1, node_selector={pin: "true"})
     name, claim_name = pod_name(STS, 0), claim(0)
