@@ -140,6 +140,7 @@ def test_zk_config(api, ensemble):
 
 
 @pytest.mark.behaviour("zk_quorum")
+@pytest.mark.starts_first  # the suite's longest chain: started late, it alone sets when a run ends
 def test_zk_quorum(api, ensemble, pods, statefulsets):
     modes = settled_modes(api, ensemble)
     assert modes == QUORUM, f"modes after {ELECTION_SECONDS}s: {modes}"
