@@ -271,6 +271,9 @@ def test_scale_down_halts_unhealthy(api, namespace, pods, statefulsets, readines
     for i in range(3):
         readiness.set(pod_name(STS, i), False)
     pods.wait_for(lambda objs: not any(is_ready(p) for p in owned_pods(objs, STS).values()), "every pod unready")
+    # Seen on kind (-n 4, alpha gates): without this the sync of the scale counted 2 of 3 Ready, its
+    # cache not yet having the last two pods' unready updates that the test's own watch had.
+    controller_saw_unready(statefulsets, 0)
 
     pods.mark("scale to 0")
     generation = scale(api, namespace, STS, 0)
