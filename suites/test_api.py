@@ -8,7 +8,17 @@ from kubernetes import client
 
 from fixtures import imagemap, manifests
 from fixtures.kube import resource_version_order
-from fixtures.sts import NEW_IMAGE, created_with, image_state, owned_pods, rolled_out, running_and_ready, settled_status
+from fixtures.recorder import last_writer
+from fixtures.sts import (
+    NEW_IMAGE,
+    created_with,
+    image_state,
+    owned_pods,
+    rolled_out,
+    running_and_ready,
+    settled_status,
+    steady_status,
+)
 
 STS = "sts-xiuxian"
 WEB = "headless-network"
@@ -79,7 +89,8 @@ def test_status_subresource(api, namespace, pods, statefulsets):
     apps = client.AppsV1Api(api)
     create_labelled(api, namespace, replicas=1)
     pods.wait_for(running_and_ready(STS, range(1)), "pod 0 Running and Ready")
-    settled(statefulsets, 1)
+    # The promise holds while the set is steady: no sync of the controller in flight (steady_status).
+    steady_status(statefulsets, pods, STS, 1)
 
     read = apps.read_namespaced_stateful_set_status(STS, namespace)
     assert read.status.ready_replicas == 1, f"GET /status shows {read.status.ready_replicas} Ready pods, not 1"
@@ -106,9 +117,12 @@ def test_status_subresource(api, namespace, pods, statefulsets):
     # Nothing changes in the set, so nothing may take back what a client wrote: fail at the write that does.
     written = lambda objs: {"StatusUpdate", "StatusPatched"} <= condition_types(objs[STS])  # noqa: E731
     statefulsets.wait_for(written, "the watch to show both conditions")
-    assert statefulsets.stays(written), (
-        f"the conditions written through /status were reverted: {condition_types(statefulsets.snapshot()[0][STS])}"
-    )
+    if not statefulsets.stays(written):
+        reverted = statefulsets.snapshot()[0][STS]
+        pytest.fail(
+            f"the conditions written through /status were reverted to {sorted(condition_types(reverted))} by "
+            f"{last_writer(reverted)}, status {reverted.get('status')}"
+        )
 
 
 def patched_label(obj) -> dict:
