@@ -446,10 +446,12 @@ def test_ondelete(api, namespace, pods, statefulsets):
     assert images(objs, sts)[1] == NEW_IMAGE
 
 
-def held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, value, policy: str) -> str | None:
+def held_set_with_max_unavailable(
+    api, namespace, pods, statefulsets, expects, value, policy: str
+) -> tuple[str, dict] | None:
     """A set of 5 Ready pods under podManagementPolicy `policy` whose deleted pods stay Terminating
     (held), so how many the controller takes down at once is visible, with rollingUpdate.maxUnavailable
-    `value`; returned once the controller's own status counts all 5 Ready. None where this version drops
+    `value`; returned with the controller's own status once that counts all 5 Ready. None where this version drops
     the field, as its gate default promises; a skip where the gate is absent."""
     expected, why = expects("MaxUnavailableStatefulSet")
     if expected == "absent":
@@ -472,8 +474,7 @@ def held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, v
     # The test's watch can see the last pod Ready before the controller's cache does; a sync on that view
     # rightly counts it unavailable and updates it first, at no cost to the budget (seen on kind at -n 4:
     # the update's sync took pods 1 and 4 down, pod 1 having turned Ready in the same millisecond).
-    settled_status(statefulsets, sts, "the controller's status to count 5 pods Ready", rolled_out(5))
-    return sts
+    return sts, settled_status(statefulsets, sts, "the controller's status to count 5 pods Ready", rolled_out(5))
 
 
 def expect_taken_down(pods, sts, down: set[int], why: str) -> None:
@@ -498,10 +499,10 @@ def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
     # Under OrderedReady too (upstream's "should perform rolling updates with maxUnavailable" runs a
     # default, OrderedReady, set of 5): kube-controller-manager v1.37.2 deletes maxUnavailable -
     # unavailable pods at once in updateStatefulSetAfterInvariantEstablished's OrderedReady branch.
-    sts = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, 2, policy)
-    if sts is None:
+    held = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, 2, policy)
+    if held is None:
         return
-    old = settled_status(statefulsets, sts, "status", rolled_out(5))["currentRevision"]
+    sts, old = held[0], held[1]["currentRevision"]
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
 
     # The new revision's pods are held unscheduled until the test lets each go: on fake nodes a pod is
@@ -550,9 +551,10 @@ def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
 @pytest.mark.behaviour("max_unavailable_percent")
 def test_max_unavailable_percent(api, namespace, pods, statefulsets, expects):
     # Of 5 pods, 50% is 2.5, so 2 at once; 10% is 0.5, rounded down to 0, so the minimum of 1.
-    sts = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, "50%", "Parallel")
-    if sts is None:
+    held = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, "50%", "Parallel")
+    if held is None:
         return
+    sts = held[0]
     pods.mark("update image (maxUnavailable 50%)")
     generation = set_image(api, namespace, sts, NEW_IMAGE)
     _, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
