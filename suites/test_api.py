@@ -114,15 +114,27 @@ def test_status_subresource(api, namespace, pods, statefulsets):
     assert {"StatusUpdate", "StatusPatched"} <= {c.type for c in read.status.conditions or []}, (
         "a later GET /status does not show what was written"
     )
-    # Nothing changes in the set, so nothing may take back what a client wrote: fail at the write that does.
-    written = lambda objs: {"StatusUpdate", "StatusPatched"} <= condition_types(objs[STS])  # noqa: E731
-    statefulsets.wait_for(written, "the watch to show both conditions")
-    if not statefulsets.stays(written):
-        reverted = statefulsets.snapshot()[0][STS]
-        pytest.fail(
-            f"the conditions written through /status were reverted to {sorted(condition_types(reverted))} by "
-            f"{last_writer(reverted)}, status {reverted.get('status')}"
+    # Nothing changes in the set, so nothing may take back what a client wrote: fail at the first version
+    # from the patch on that lacks a condition (the wait too: the watch may show the revert before it looks).
+    statefulsets.wait_for(kept_from(patched.metadata.resource_version), "the watch to show both conditions")
+    assert statefulsets.stays(kept_from(patched.metadata.resource_version))
+
+
+def kept_from(patched_at: str):
+    """True once the watch shows the set at or after the version the PATCH made, with both conditions;
+    raises at a version from then on that lacks one, naming who wrote it."""
+
+    def check(objs) -> bool:
+        obj = objs[STS]
+        if resource_version_order(patched_at, obj["metadata"]["resourceVersion"]) > 0:
+            return False  # from before the patch
+        assert {"StatusUpdate", "StatusPatched"} <= condition_types(obj), (
+            f"the conditions written through /status were reverted to {sorted(condition_types(obj))} by "
+            f"{last_writer(obj)} (resourceVersion {obj['metadata']['resourceVersion']}), status {obj.get('status')}"
         )
+        return True
+
+    return check
 
 
 def patched_label(obj) -> dict:

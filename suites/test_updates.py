@@ -502,7 +502,8 @@ def test_max_unavailable(api, namespace, pods, statefulsets, expects, policy):
     held = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, 2, policy)
     if held is None:
         return
-    sts, old = held[0], held[1]["currentRevision"]
+    sts, status = held
+    old = status["currentRevision"]
     assert set(revisions(pods.snapshot()[0], sts).values()) == {old}, "pod labels do not carry the current revision"
 
     # The new revision's pods are held unscheduled until the test lets each go: on fake nodes a pod is
@@ -554,7 +555,7 @@ def test_max_unavailable_percent(api, namespace, pods, statefulsets, expects):
     held = held_set_with_max_unavailable(api, namespace, pods, statefulsets, expects, "50%", "Parallel")
     if held is None:
         return
-    sts = held[0]
+    sts, _ = held
     pods.mark("update image (maxUnavailable 50%)")
     generation = set_image(api, namespace, sts, NEW_IMAGE)
     _, after = pods_after_sync(api, statefulsets, sts, "the status of the update", generation=generation)
