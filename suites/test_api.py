@@ -116,8 +116,9 @@ def test_status_subresource(api, namespace, pods, statefulsets):
     )
     # Nothing changes in the set, so nothing may take back what a client wrote: fail at the first version
     # from the patch on that lacks a condition (the wait too: the watch may show the revert before it looks).
-    statefulsets.wait_for(kept_from(patched.metadata.resource_version), "the watch to show both conditions")
-    assert statefulsets.stays(kept_from(patched.metadata.resource_version))
+    kept = kept_from(patched.metadata.resource_version)
+    statefulsets.wait_for(kept, "the watch to show both conditions")
+    assert statefulsets.stays(kept)
 
 
 def kept_from(patched_at: str):
